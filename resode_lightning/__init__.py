@@ -1,0 +1,31 @@
+"""resode_lightning: production ResNets as discretized neural ODEs, for PyTorch Lightning.
+
+The names exported here are the public API; everything else is importable but not promised.
+"""
+
+from resode_lightning.callbacks import ODEForm
+from resode_lightning.core.io import CheckpointError, load_into, load_state_dict_file
+from resode_lightning.core.models import PreActBlock, ode_resnet
+from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
+from resode_lightning.core.smoothness import smoothness_metrics
+from resode_lightning.core.stages import BlockAdapter, Stage, find_stages, register_block
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockAdapter",
+    "CheckpointError",
+    "ODEForm",
+    "PreActBlock",
+    "Stage",
+    "find_stages",
+    "from_ode_form",
+    "is_ode_form",
+    "load_into",
+    "load_state_dict_file",
+    "ode_resnet",
+    "register_block",
+    "resample_depth",
+    "smoothness_metrics",
+    "to_ode_form",
+]

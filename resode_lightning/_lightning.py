@@ -1,0 +1,27 @@
+"""The one place that decides which Lightning namespaces the package serves.
+
+``pytorch_lightning`` is a dependency; when the unified ``lightning`` package is installed
+too, the package's callbacks derive from both namespaces' ``Callback`` classes, so a Trainer
+from either accepts them.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+
+try:
+    import lightning.pytorch as lightning_pytorch
+except ImportError:  # the unified package is optional
+    lightning_pytorch = None
+
+CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
+if lightning_pytorch is not None:
+    CALLBACK_BASES += (lightning_pytorch.Callback,)
+
+LIGHTNING_MODULES: tuple[type, ...] = (pl.LightningModule,)
+if lightning_pytorch is not None:
+    LIGHTNING_MODULES += (lightning_pytorch.LightningModule,)
+
+
+class Callback(*CALLBACK_BASES):  # type: ignore[misc]
+    """Base of the package's callbacks: a ``Callback`` of every installed Lightning namespace."""

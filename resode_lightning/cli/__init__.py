@@ -1,0 +1,36 @@
+"""The ``resode`` command: one entry point, one module per subcommand.
+
+Each subcommand module exposes ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from resode_lightning.cli import convert
+
+SUBCOMMANDS = {"convert": convert}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resode",
+        description="Production ResNets as discretized neural ODEs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``resode`` with ``argv`` (default: the process arguments); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return SUBCOMMANDS[args.command].run(args)
+    except (ValueError, FileNotFoundError, IsADirectoryError) as error:
+        print(f"resode {args.command}: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,262 @@
+"""ODE form: the lossless rescale of residual stages, its inverse, and depth resampling.
+
+A stage of ``L`` blocks in ODE form computes ``x_{k+1} = P(x_k + h * F_k(x_k))`` with
+``h = horizon / L``: the last affine layer of every branch is multiplied by ``1 / h`` and its
+output by ``h``, so the network computes the same function. A persistent buffer on the
+stage's container (``layer3.ode_horizon``) records the horizon, travels with the state dict
+and makes a strict load into a plain model fail loudly.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from resode_lightning.core.paths import Interpolation, knot_times, resample
+from resode_lightning.core.stages import (
+    MARKER,
+    BlockAdapter,
+    Stage,
+    find_stages,
+    last_layer_name,
+    scaled_tensors,
+)
+
+
+class _StepScale:
+    """Forward hook multiplying a layer's output by the step ``h`` (picklable, no closure)."""
+
+    def __init__(self, step: float) -> None:
+        self.step = step
+
+    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        return output * self.step
+
+    def __repr__(self) -> str:
+        return f"_StepScale({self.step:g})"
+
+
+def set_block_step(block: nn.Module, adapter: BlockAdapter, step: float | None) -> None:
+    """Make ``block`` multiply its branch by ``step`` (``None``: the plain block, no factor)."""
+    if adapter.step_attribute is not None:
+        setattr(block, adapter.step_attribute, 1.0 if step is None else step)
+        return
+    last = adapter.last_layer(block)
+    if last is None:
+        return
+    for key, hook in list(last._forward_hooks.items()):
+        if isinstance(hook, _StepScale):
+            del last._forward_hooks[key]
+    if step is not None:
+        last.register_forward_hook(_StepScale(step))
+
+
+@torch.no_grad()
+def _scale_last_layer(block: nn.Module, adapter: BlockAdapter, factor: float) -> None:
+    last = adapter.last_layer(block)
+    if last is not None:
+        for tensor in scaled_tensors(last):
+            tensor.mul_(factor)
+
+
+def convert_stage(stage: Stage, horizon: float, *, rescale: bool = True) -> None:
+    """Put one plain stage in ODE form with the given horizon, in place.
+
+    With ``rescale=False`` the weights are taken as ODE-form weights already (a net built to
+    be trained in ODE form): only the step and the marker are set.
+    """
+    if stage.is_ode_form:
+        return
+    step = horizon / stage.depth
+    for block in stage.blocks:
+        if rescale:
+            _scale_last_layer(block, stage.adapter, 1.0 / step)
+        set_block_step(block, stage.adapter, step)
+    reference = next(stage.blocks[0].parameters(), None)
+    device = reference.device if reference is not None else None
+    marker = torch.tensor(float(horizon), dtype=torch.float64, device=device)
+    stage.container.register_buffer(stage.marker, marker, persistent=True)
+
+
+def unconvert_stage(stage: Stage) -> None:
+    """Return one ODE-form stage to the plain parametrisation, in place."""
+    if not stage.is_ode_form:
+        return
+    step = stage.step
+    for block in stage.blocks:
+        _scale_last_layer(block, stage.adapter, step)
+        set_block_step(block, stage.adapter, None)
+    del stage.container._buffers[stage.marker]
+
+
+def _check_horizon(horizon: float) -> None:
+    if not (isinstance(horizon, (int, float)) and horizon > 0 and horizon != float("inf")):
+        raise ValueError(f"horizon must be a positive finite number, got {horizon!r}")
+
+
+def to_ode_form(model: nn.Module, *, horizon: float = 1.0, inplace: bool = False) -> nn.Module:
+    """Rescale every residual stage of ``model`` to ODE form without changing its function.
+
+    Each stage of ``L`` blocks then computes ``x_{k+1} = P(x_k + h F_k(x_k))``, ``h = horizon / L``,
+    with the last affine layer of each branch multiplied by ``L / horizon``. State-dict keys are
+    unchanged; one marker buffer per stage is added. Stages already in ODE form are left alone.
+
+    Args:
+        model: a model with residual stages (torchvision ResNets, ``ode_resnet``, registered blocks).
+        horizon: the length of the time interval each stage integrates over.
+        inplace: modify ``model`` instead of a deep copy.
+
+    Returns:
+        The converted model.
+
+    Example::
+
+        >>> from torchvision.models import resnet50
+        >>> ode = to_ode_form(resnet50().eval())
+        >>> is_ode_form(ode)
+        True
+    """
+    _check_horizon(horizon)
+    model = model if inplace else copy.deepcopy(model)
+    for stage in find_stages(model):
+        convert_stage(stage, horizon)
+    return model
+
+
+def from_ode_form(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The inverse of :func:`to_ode_form`: the plain parametrisation, markers removed."""
+    model = model if inplace else copy.deepcopy(model)
+    for stage in find_stages(model):
+        unconvert_stage(stage)
+    return model
+
+
+def is_ode_form(model: nn.Module) -> bool:
+    """Whether every residual stage of ``model`` is in ODE form."""
+    return all(stage.is_ode_form for stage in find_stages(model))
+
+
+def ode_scale(stage: Stage) -> dict[str, float]:
+    """The block tensors (state-dict names) that count at another scale in the ODE parametrisation.
+
+    The last affine layer of a plain stage counts at ``L`` times its value (horizon 1); every
+    tensor not in the returned dict, and every tensor of an ODE-form stage, counts as it is.
+    """
+    if stage.is_ode_form:
+        return {}
+    last = last_layer_name(stage.blocks[0], stage.adapter)
+    if last is None:
+        return {}
+    prefix = f"{last}." if last else ""
+    return {f"{prefix}weight": 1.0 / stage.step, f"{prefix}bias": 1.0 / stage.step}
+
+
+def stage_parameters(stage: Stage) -> dict[str, Tensor]:
+    """The block parameters of ``stage`` stacked over depth, in the ODE parametrisation.
+
+    Returns:
+        ``{name: tensor of shape (L, *param_shape)}``, detached, on the parameters' device.
+    """
+    factors = ode_scale(stage)
+    per_block = [dict(block.named_parameters()) for block in stage.blocks]
+    stacked = {}
+    with torch.no_grad():
+        for name in per_block[0]:
+            values = torch.stack([params[name] for params in per_block])
+            stacked[name] = values * factors[name] if name in factors else values
+    return stacked
+
+
+def blocks_at_depth(
+    stage: Stage, steps: int, *, interpolation: Interpolation = "linear"
+) -> list[nn.Module]:
+    """New blocks running ``stage`` with ``steps`` Euler steps, weights interpolated in depth.
+
+    Parameters and floating buffers (BN running statistics) of block ``j`` are the stage's
+    weight path at ``t_j = j * horizon / steps``; the blocks are in ODE form with step
+    ``horizon / steps``. With ``steps == L`` they equal the stage's blocks.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    horizon = stage.horizon or 1.0
+    blocks = stage.blocks
+    factors = ode_scale(stage)
+    states = [block.state_dict() for block in blocks]
+    old_times = knot_times(stage.depth, horizon)
+    new_times = knot_times(steps, horizon)
+    new_states: list[dict[str, Tensor]] = [{} for _ in range(steps)]
+    with torch.no_grad():
+        for name, value in states[0].items():
+            if not value.is_floating_point():
+                for state in new_states:
+                    state[name] = value.clone()
+                continue
+            stacked = torch.stack([state[name] for state in states]) * factors.get(name, 1.0)
+            path = resample(stacked, old_times.to(stacked.device), new_times.to(stacked.device), interpolation)
+            for state, row in zip(new_states, path):
+                state[name] = row
+    new_blocks = []
+    for state in new_states:
+        block = copy.deepcopy(blocks[0])
+        block.load_state_dict(state)
+        set_block_step(block, stage.adapter, horizon / steps)
+        new_blocks.append(block)
+    return new_blocks
+
+
+def _replace_blocks(stage: Stage, new_blocks: list[nn.Module]) -> None:
+    container = stage.container
+    names = list(container._modules)
+    if not all(name.isdigit() for name in names):
+        raise ValueError(
+            f"resample_depth needs stage {stage.name!r} in a container with numbered children "
+            f"(nn.Sequential(*blocks) or nn.ModuleList); found names {names}"
+        )
+    children = list(container._modules.values())
+    start, stop = stage.indices[0], stage.indices[-1] + 1
+    children = children[:start] + new_blocks + children[stop:]
+    container._modules.clear()
+    for i, child in enumerate(children):
+        container._modules[str(i)] = child
+    shift = len(new_blocks) - stage.depth
+    later = [k for k in container._buffers if k.startswith(f"{MARKER}_") and int(k.rsplit("_", 1)[1]) > start]
+    for key in sorted(later, key=lambda k: int(k.rsplit("_", 1)[1]), reverse=shift > 0):
+        container._buffers[f"{MARKER}_{int(key.rsplit('_', 1)[1]) + shift}"] = container._buffers.pop(key)
+
+
+def resample_depth(
+    model: nn.Module,
+    steps: int | Mapping[str, int],
+    *,
+    interpolation: Interpolation = "linear",
+    inplace: bool = False,
+) -> nn.Module:
+    """Rebuild residual stages with another number of blocks, weights interpolated in depth.
+
+    Args:
+        model: a model with residual stages; plain stages are put in ODE form (horizon 1).
+        steps: the new number of blocks, for every stage (an int) or by stage name (a dict;
+            stages not named are left as they are).
+        interpolation: ``"linear"`` or ``"constant"`` weight path between blocks.
+        inplace: modify ``model`` instead of a deep copy.
+
+    Returns:
+        The model in ODE form, each resampled stage with step ``horizon / steps``.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    stages = find_stages(model)
+    if isinstance(steps, Mapping):
+        unknown = set(steps) - {stage.name for stage in stages}
+        if unknown:
+            raise ValueError(
+                f"unknown stage name(s) {sorted(unknown)}; stages are {[s.name for s in stages]}"
+            )
+    for stage in reversed(stages):
+        convert_stage(stage, 1.0)
+        count = steps.get(stage.name) if isinstance(steps, Mapping) else steps
+        if count is not None and count != stage.depth:
+            _replace_blocks(stage, blocks_at_depth(stage, count, interpolation=interpolation))
+    return model
