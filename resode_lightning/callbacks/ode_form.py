@@ -38,8 +38,14 @@ class ODEForm(Callback):
     """
 
     def __init__(self, horizon: float = 1.0) -> None:
-        if isinstance(horizon, bool) or not isinstance(horizon, (int, float)) or not 0 < horizon < float("inf"):
-            raise ValueError(f"ODEForm(horizon=...) must be a positive finite number, got {horizon!r}")
+        if (
+            isinstance(horizon, bool)
+            or not isinstance(horizon, (int, float))
+            or not 0 < horizon < float("inf")
+        ):
+            raise ValueError(
+                f"ODEForm(horizon=...) must be a positive finite number, got {horizon!r}"
+            )
         self.horizon = float(horizon)
 
     @override

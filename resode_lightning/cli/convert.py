@@ -15,10 +15,16 @@ HELP = "convert a torchvision ResNet checkpoint (.pth/.ckpt) to ODE form"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", required=True, choices=TORCHVISION_RESNETS, help="torchvision architecture")
-    parser.add_argument("--weights", required=True, help="input state dict (.pth, Lightning .ckpt, .safetensors)")
+    parser.add_argument(
+        "--arch", required=True, choices=TORCHVISION_RESNETS, help="torchvision architecture"
+    )
+    parser.add_argument(
+        "--weights", required=True, help="input state dict (.pth, Lightning .ckpt, .safetensors)"
+    )
     parser.add_argument("--out", required=True, help="output file (written atomically)")
-    parser.add_argument("--horizon", type=float, default=1.0, help="time interval of each stage (default 1.0)")
+    parser.add_argument(
+        "--horizon", type=float, default=1.0, help="time interval of each stage (default 1.0)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     atomic_save(converted.state_dict(), args.out)
     print(
         f"converted {args.arch} to ODE form (horizon {args.horizon:g}): max relative output "
-        f"change {error:.2e} on a random batch, {time.perf_counter() - started:.1f} s; wrote {args.out}"
+        f"change {error:.2e} on a random batch, {time.perf_counter() - started:.1f} s; "
+        f"wrote {args.out}"
     )
     return 0
 

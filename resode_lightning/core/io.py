@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a state dict from a torchvision ``.pth``, a Lightning ``.ckpt`` or a ``.safetensors`` file.
+    """Read a state dict from a torchvision ``.pth``, Lightning ``.ckpt`` or ``.safetensors`` file.
 
     Files are read with ``torch.load(..., weights_only=True)``: a file carrying any pickled
     object other than tensors and plain containers is refused and nothing in it is executed.
@@ -41,11 +41,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        globals_refused = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        if not globals_refused:
+            raise CheckpointError(
+                f"{path} is not a readable PyTorch checkpoint (truncated or another format)"
+            ) from None
         raise CheckpointError(
             f"{path} holds pickled Python objects beyond tensors and plain containers, so it was "
-            f"refused without executing anything ({reason}). Re-save only the weights, e.g. "
-            f"torch.save(model.state_dict(), path)."
+            f"refused without executing anything ({globals_refused[0]}). Re-save only the "
+            f"weights, e.g. torch.save(model.state_dict(), path)."
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise CheckpointError(
@@ -58,7 +62,9 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise CheckpointError(f"{path} is a safetensors file: pip install safetensors to read it") from None
+        raise CheckpointError(
+            f"{path} is a safetensors file: pip install safetensors to read it"
+        ) from None
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error types
@@ -84,17 +90,21 @@ def _extract_state_dict(content: object, path: Path) -> dict[str, Tensor]:
 
 def strip_prefix(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """Drop the module prefix (``model.``, ``module.``, ...) that best matches ``model``'s keys."""
-    expected = set(model.state_dict()) | {k for k in state_dict if k.rsplit(".", 1)[-1].startswith(MARKER)}
+    expected = set(model.state_dict()) | {
+        k for k in state_dict if k.rsplit(".", 1)[-1].startswith(MARKER)
+    }
     candidates = {""}
     for key in state_dict:
         parts = key.split(".")
         candidates.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
+
     def matches(prefix: str) -> int:
-        return sum(k.startswith(prefix) and k[len(prefix):] in expected for k in state_dict)
+        return sum(k.startswith(prefix) and k[len(prefix) :] in expected for k in state_dict)
+
     best = max(sorted(candidates, key=len), key=matches)
     if not best:
         return dict(state_dict)
-    return {k[len(best):]: v for k, v in state_dict.items() if k.startswith(best)}
+    return {k[len(best) :]: v for k, v in state_dict.items() if k.startswith(best)}
 
 
 def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
@@ -153,7 +163,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     """
     path = Path(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist")
+        raise FileNotFoundError(
+            f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist"
+        )
     if path.is_dir():
         raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -62,7 +62,7 @@ register_block(
 
 
 class ODEResNet(nn.Module):
-    """Stem, then residual stages of :class:`PreActBlock` joined by strided transitions, then a head.
+    """Stem, stages of :class:`PreActBlock` joined by strided transitions, then a linear head.
 
     Built by :func:`ode_resnet`; every stage is in ODE form from the start.
     """
@@ -161,7 +161,9 @@ def ode_resnet(
     """
     depths, widths = tuple(depths), tuple(widths)
     if not depths or len(depths) != len(widths):
-        raise ValueError(f"depths and widths must be non-empty and of equal length, got {depths}, {widths}")
+        raise ValueError(
+            f"depths and widths must be non-empty and of equal length, got {depths}, {widths}"
+        )
     if any(not isinstance(d, int) or d < 2 for d in depths):
         raise ValueError(f"every stage needs at least 2 blocks to be an ODE, got depths={depths}")
     if any(not isinstance(w, int) or w < 1 for w in widths):
@@ -217,7 +219,11 @@ def _smooth(blocks: list[PreActBlock], components: int = 3) -> None:
         for k, block in enumerate(blocks):
             value = base.clone()
             for j, draw in enumerate(draws, start=1):
-                value += math.sqrt(2) * math.cos(math.pi * j * float(times[k]) + float(phases[j - 1])) * draw
+                value += (
+                    math.sqrt(2)
+                    * math.cos(math.pi * j * float(times[k]) + float(phases[j - 1]))
+                    * draw
+                )
             block.get_parameter(name).copy_(value / math.sqrt(1 + components))
 
 
@@ -244,5 +250,7 @@ def torchvision_resnet(arch: str, *, num_classes: int = 1000, **kwargs: object) 
     import torchvision
 
     if arch not in TORCHVISION_RESNETS:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(TORCHVISION_RESNETS)}")
+        raise ValueError(
+            f"unknown architecture {arch!r}; choose one of {', '.join(TORCHVISION_RESNETS)}"
+        )
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)

@@ -105,7 +105,7 @@ def to_ode_form(model: nn.Module, *, horizon: float = 1.0, inplace: bool = False
     unchanged; one marker buffer per stage is added. Stages already in ODE form are left alone.
 
     Args:
-        model: a model with residual stages (torchvision ResNets, ``ode_resnet``, registered blocks).
+        model: a model with residual stages (torchvision ResNets, ``ode_resnet``, your blocks).
         horizon: the length of the time interval each stage integrates over.
         inplace: modify ``model`` instead of a deep copy.
 
@@ -195,7 +195,9 @@ def blocks_at_depth(
                     state[name] = value.clone()
                 continue
             stacked = torch.stack([state[name] for state in states]) * factors.get(name, 1.0)
-            path = resample(stacked, old_times.to(stacked.device), new_times.to(stacked.device), interpolation)
+            path = resample(
+                stacked, old_times.to(stacked.device), new_times.to(stacked.device), interpolation
+            )
             for state, row in zip(new_states, path):
                 state[name] = row
     new_blocks = []
@@ -222,9 +224,15 @@ def _replace_blocks(stage: Stage, new_blocks: list[nn.Module]) -> None:
     for i, child in enumerate(children):
         container._modules[str(i)] = child
     shift = len(new_blocks) - stage.depth
-    later = [k for k in container._buffers if k.startswith(f"{MARKER}_") and int(k.rsplit("_", 1)[1]) > start]
+    later = [
+        k
+        for k in container._buffers
+        if k.startswith(f"{MARKER}_") and int(k.rsplit("_", 1)[1]) > start
+    ]
     for key in sorted(later, key=lambda k: int(k.rsplit("_", 1)[1]), reverse=shift > 0):
-        container._buffers[f"{MARKER}_{int(key.rsplit('_', 1)[1]) + shift}"] = container._buffers.pop(key)
+        container._buffers[f"{MARKER}_{int(key.rsplit('_', 1)[1]) + shift}"] = (
+            container._buffers.pop(key)
+        )
 
 
 def resample_depth(

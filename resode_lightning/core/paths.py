@@ -18,7 +18,7 @@ INTERPOLATIONS: tuple[str, ...] = ("constant", "linear")
 
 
 def knot_times(count: int, horizon: float = 1.0, *, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Left ends ``k * horizon / count`` of the ``count`` steps of a uniform grid on ``[0, horizon]``."""
+    """Left ends ``k * horizon / count`` of the steps of a uniform grid on ``[0, horizon]``."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     return torch.arange(count, dtype=dtype) * (horizon / count)
@@ -66,7 +66,7 @@ def resample(
 
 
 def hat_basis(times: Tensor, knots: Tensor) -> Tensor:
-    """Matrix ``B[i, j]``: the piecewise-linear interpolant's weight of knot ``j`` at ``times[i]``."""
+    """``B[i, j]``: the piecewise-linear interpolant's weight of knot ``j`` at ``times[i]``."""
     eye = torch.eye(knots.shape[0], dtype=times.dtype, device=times.device)
     return interpolate(eye, knots, times, "linear")
 

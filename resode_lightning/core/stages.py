@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -83,7 +82,9 @@ def register_block(
         ...         self.conv = nn.Conv2d(8, 8, 3, padding=1)
         ...     def forward(self, x):
         ...         return x + self.conv(torch.tanh(x))
-        >>> _ = register_block(MyBlock, branch=lambda b, x: b.conv(torch.tanh(x)), last_layer="conv")
+        >>> def branch(block, x):
+        ...     return block.conv(torch.tanh(x))
+        >>> _ = register_block(MyBlock, branch=branch, last_layer="conv")
     """
     if not (isinstance(block_type, type) and issubclass(block_type, nn.Module)):
         raise TypeError(f"block_type must be an nn.Module subclass, got {block_type!r}")
@@ -317,5 +318,6 @@ def last_layer_name(block: nn.Module, adapter: BlockAdapter) -> str | None:
 
 def scaled_tensors(layer: nn.Module) -> list[Tensor]:
     """The tensors of ``layer`` that the ODE-form rescale multiplies: affine weight and bias."""
-    return [t for t in (getattr(layer, "weight", None), getattr(layer, "bias", None)) if t is not None]
-
+    return [
+        t for t in (getattr(layer, "weight", None), getattr(layer, "bias", None)) if t is not None
+    ]

@@ -1,0 +1,1 @@
+"""Test helpers: a boring LightningModule around any backbone, random image data."""

@@ -1,0 +1,180 @@
+"""Safe checkpoint loading, atomic writes and `resode convert`."""
+
+import os
+import pickle
+
+import pytest
+import torch
+import torchvision.models as tvm
+
+from resode_lightning import CheckpointError, is_ode_form, load_into, load_state_dict_file
+from resode_lightning.cli import main
+from resode_lightning.core.io import atomic_save, strip_prefix
+
+
+class Payload:
+    """Pickles into a call that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mknod, (self.marker,))
+
+
+def files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_torchvision_pth_round_trip(tmp_path):
+    model = tvm.resnet18(num_classes=5)
+    torch.save(model.state_dict(), tmp_path / "r18.pth")
+    state = load_state_dict_file(tmp_path / "r18.pth")
+    assert set(state) == set(model.state_dict())
+    loaded = load_into(tvm.resnet18(num_classes=5), state)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+
+
+def test_lightning_style_checkpoint_with_prefix(tmp_path):
+    model = tvm.resnet18(num_classes=5)
+    checkpoint = {
+        "epoch": 3,
+        "global_step": 10,
+        "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+        "hyper_parameters": {"lr": 0.1, "arch": "resnet18"},
+        "optimizer_states": [],
+    }
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    state = load_state_dict_file(tmp_path / "last.ckpt")
+    assert strip_prefix(state, model).keys() == model.state_dict().keys()
+    load_into(tvm.resnet18(num_classes=5), state)
+
+
+def test_pickle_payload_is_refused_and_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save(
+        {"state_dict": {"fc.weight": torch.zeros(2, 2)}, "evil": Payload(marker)},
+        tmp_path / "evil.pth",
+    )
+    with pytest.raises(CheckpointError, match="refused without executing anything"):
+        load_state_dict_file(tmp_path / "evil.pth")
+    assert not marker.exists()
+    # a bare pickle file (not torch.save) is refused as well
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(CheckpointError):
+        load_state_dict_file(tmp_path / "evil.pkl")
+    assert not marker.exists()
+
+
+def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
+    torch.save(tvm.resnet18().state_dict(), tmp_path / "full.pth")
+    data = (tmp_path / "full.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or another format"):
+        load_state_dict_file(tmp_path / "cut.pth")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_state_dict_file(tmp_path / "notes.txt")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="not a state dict"):
+        load_state_dict_file(tmp_path / "list.pth")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_state_dict_file(tmp_path / "missing.pth")
+
+
+def test_other_architecture_lists_missing_and_unexpected_keys():
+    with pytest.raises(CheckpointError) as error:
+        load_into(tvm.resnet50(), tvm.resnet18().state_dict())
+    message = str(error.value)
+    assert "missing key(s)" in message and "layer1.0.conv3.weight" in message
+    with pytest.raises(CheckpointError, match=r"unexpected key\(s\) \[layer1.0.bn3"):
+        load_into(tvm.resnet18(), tvm.resnet50().state_dict())
+
+
+def test_atomic_save_keeps_existing_file_on_failure(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"previous content")
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        atomic_save({"a": torch.zeros(1000), "b": Unpicklable()}, target)
+    assert target.read_bytes() == b"previous content"
+    assert files(tmp_path) == ["model.pt"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        atomic_save({}, tmp_path / "no" / "such" / "dir.pt")
+
+
+def test_convert_cli_writes_an_ode_form_state_dict(tmp_path, capsys):
+    model = tvm.resnet50(num_classes=10).eval()
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+        tmp_path / "in.ckpt",
+    )
+    status = main(
+        [
+            "convert",
+            "--arch",
+            "resnet50",
+            "--weights",
+            str(tmp_path / "in.ckpt"),
+            "--out",
+            str(tmp_path / "out.pt"),
+            "--horizon",
+            "2",
+        ]
+    )
+    assert status == 0
+    assert "max relative output change" in capsys.readouterr().out
+    state = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert float(state["layer3.ode_horizon"]) == 2.0
+    converted = load_into(tvm.resnet50(num_classes=10), state).eval()
+    assert is_ode_form(converted)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        assert float((converted(x) - reference).abs().max() / reference.abs().max()) <= 1e-5
+
+
+def test_convert_cli_error_leaves_no_output_and_keeps_existing(tmp_path, capsys):
+    torch.save(tvm.resnet18().state_dict(), tmp_path / "r18.pth")
+    (tmp_path / "out.pt").write_bytes(b"keep me")
+    status = main(
+        [
+            "convert",
+            "--arch",
+            "resnet50",
+            "--weights",
+            str(tmp_path / "r18.pth"),
+            "--out",
+            str(tmp_path / "out.pt"),
+        ]
+    )
+    assert status == 2
+    assert "missing key(s)" in capsys.readouterr().err
+    assert (tmp_path / "out.pt").read_bytes() == b"keep me"
+    assert files(tmp_path) == ["out.pt", "r18.pth"]
+    status = main(
+        [
+            "convert",
+            "--arch",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "r18.pth"),
+            "--out",
+            str(tmp_path / "new.pt"),
+            "--horizon",
+            "-1",
+        ]
+    )
+    assert status == 2 and "horizon" in capsys.readouterr().err
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_convert_cli_rejects_unknown_architecture(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--arch", "resnet9000", "--weights", "x", "--out", "y"])
+    assert "invalid choice" in capsys.readouterr().err
