@@ -3,11 +3,12 @@
 The names exported here are the public API; everything else is importable but not promised.
 """
 
-from resode_lightning.callbacks import ODEForm
+from resode_lightning.callbacks import ODEForm, SmoothnessMonitor
 from resode_lightning.core.io import CheckpointError, load_into, load_state_dict_file
 from resode_lightning.core.models import PreActBlock, ode_resnet
 from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
-from resode_lightning.core.smoothness import smoothness_metrics
+from resode_lightning.core.plots import plot_smoothness
+from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
 from resode_lightning.core.stages import BlockAdapter, Stage, find_stages, register_block
 
 __version__ = "0.1.0"
@@ -26,6 +27,9 @@ __all__ = [
     "ode_resnet",
     "register_block",
     "resample_depth",
+    "plot_smoothness",
     "smoothness_metrics",
+    "smoothness_report",
+    "SmoothnessMonitor",
     "to_ode_form",
 ]

@@ -1,5 +1,6 @@
 """Thin Lightning adapters over the core: each callback holds no math of its own."""
 
 from resode_lightning.callbacks.ode_form import ODEForm
+from resode_lightning.callbacks.smoothness_monitor import SmoothnessMonitor
 
-__all__ = ["ODEForm"]
+__all__ = ["ODEForm", "SmoothnessMonitor"]

@@ -9,9 +9,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from resode_lightning.cli import convert
+from resode_lightning.cli import convert, smoothness
 
-SUBCOMMANDS = {"convert": convert}
+SUBCOMMANDS = {"convert": convert, "smoothness": smoothness}
 
 
 def build_parser() -> argparse.ArgumentParser:

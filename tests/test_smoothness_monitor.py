@@ -1,0 +1,249 @@
+"""SmoothnessMonitor in real Trainer runs: logged keys, history, resume, DDP, NaN weights."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from helpers.boring import NestedBackboneModule, loader
+from torch import nn
+
+from resode_lightning import SmoothnessMonitor, ode_resnet
+from resode_lightning.core.models import torchvision_resnet
+from resode_lightning.core.odeform import stage_parameters
+from resode_lightning.core.smoothness import ALL, METRICS, smoothness_metrics
+from resode_lightning.core.stages import find_stages
+
+SIZE = 8
+
+
+def tiny(init: str = "smooth") -> nn.Module:
+    return ode_resnet(depths=(3, 4), widths=(4, 8), init=init, seed=0)
+
+
+def trainer(tmp_path: Path, module=pl, **kwargs) -> pl.Trainer:
+    options = dict(
+        default_root_dir=tmp_path,
+        logger=module.loggers.CSVLogger(tmp_path, name="", version=0),
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        log_every_n_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    options.update(kwargs)
+    return module.Trainer(**options)
+
+
+def csv_rows(tmp_path: Path) -> list[dict[str, str]]:
+    with open(tmp_path / "version_0" / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_arguments_are_validated():
+    for kwargs, message in [
+        ({"every_n_steps": 0}, "every_n_steps=...) must be a positive int or None, got 0"),
+        ({"every_n_steps": 2.0}, "every_n_steps"),
+        ({"probe_every_n_epochs": -1}, "probe_every_n_epochs"),
+        ({"probe_samples": True}, "probe_samples=...) must be a positive int, got True"),
+        ({"per_parameter": 1}, "per_parameter=...) must be a bool"),
+    ]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            SmoothnessMonitor(**kwargs)
+
+
+def test_csv_logger_gets_the_documented_keys_at_the_trainer_interval(tmp_path):
+    model = NestedBackboneModule(tiny())
+    monitor = SmoothnessMonitor(probe_every_n_epochs=1)
+    trainer(tmp_path, max_epochs=2, max_steps=-1, limit_val_batches=1, callbacks=[monitor]).fit(
+        model, loader(16, SIZE), loader(8, SIZE)
+    )
+    rows = csv_rows(tmp_path)
+    keys = set(rows[0])
+    for stage in ("net.backbone.stages.0", "net.backbone.stages.1"):
+        for metric in METRICS:
+            assert f"smoothness/{stage}/{metric}" in keys
+            assert f"smoothness/{stage}/conv2.weight/{metric}" in keys
+            assert f"smoothness/{stage}/bn2.bias/{metric}" in keys
+        assert f"smoothness/{stage}/depth_consistency" in keys
+    key = "smoothness/net.backbone.stages.1/lipschitz"
+    logged = {int(r["step"]): float(r[key]) for r in rows if r[key]}
+    history = monitor.history["net.backbone.stages.1"]
+    assert history["step"].tolist() == [2, 4, 6, 8]  # log_every_n_steps=2, 8 steps in 2 epochs
+    assert history["parameters"][0] == ALL and "conv1.weight" in history["parameters"]
+    assert history["metrics"].shape == (4, len(history["parameters"]), len(METRICS))
+    assert history["depth_profile"].shape == (4, 3)
+    # the logger shows step s - 1 for the values measured after optimizer step s
+    lipschitz = history["metrics"][:, 0, METRICS.index("lipschitz")]
+    assert logged == pytest.approx(
+        {s - 1: float(v) for s, v in zip([2, 4, 6, 8], lipschitz, strict=True)}
+    )
+    # the last value is the trained model's own, by an independent computation
+    stage = find_stages(model)[1]
+    expected = smoothness_metrics(stage_parameters(stage))[ALL]["lipschitz"]
+    assert float(lipschitz[-1]) == pytest.approx(float(expected), rel=1e-5)
+    profile = torch.stack([torch.cat([p.flatten() for p in b.parameters()]) for b in stage.blocks])
+    assert history["depth_profile"][-1].tolist() == pytest.approx(
+        (profile[1:] - profile[:-1]).norm(dim=1).tolist(), rel=1e-5
+    )
+    assert history["probe_step"].tolist() == [4, 8]
+    assert torch.isfinite(history["depth_consistency"]).all()
+    assert (tmp_path / "version_0" / "smoothness.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plain_torchvision_stage_is_measured_in_the_ode_parametrisation(tmp_path):
+    backbone = torchvision_resnet("resnet18", num_classes=10)
+    monitor = SmoothnessMonitor(every_n_steps=1, per_parameter=False, plot=False)
+    trainer(tmp_path, max_steps=1, log_every_n_steps=1, callbacks=[monitor]).fit(
+        NestedBackboneModule(backbone, lr=0.0), loader(4, 16)
+    )
+    history = monitor.history["net.backbone.layer1"]
+    # resnet18.layer1 has L = 2: bn2 counts at twice its value
+    expected = smoothness_metrics(stage_parameters(find_stages(backbone)[0]))[ALL]
+    assert history["metrics"][0, 0].tolist() == pytest.approx(
+        [float(expected[m]) if m != "curvature" else math.nan for m in METRICS], nan_ok=True
+    )
+    assert not any("/bn2.weight/" in k for k in csv_rows(tmp_path)[0])
+
+
+def test_resume_from_a_checkpoint_continues_the_history(tmp_path):
+    straight = SmoothnessMonitor(every_n_steps=1, plot=False)
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1
+    )
+    trainer(
+        tmp_path / "a", max_steps=8, callbacks=[straight, checkpoint], enable_checkpointing=True
+    ).fit(NestedBackboneModule(tiny()), loader(16, SIZE))
+    resumed = SmoothnessMonitor(every_n_steps=1, plot=False)
+    trainer(tmp_path / "b", max_steps=8, callbacks=[resumed]).fit(
+        NestedBackboneModule(tiny()),
+        loader(16, SIZE),
+        ckpt_path=tmp_path / "ckpt" / "epoch=0-step=4.ckpt",
+    )
+    for name, expected in straight.history.items():
+        got = resumed.history[name]
+        assert got["step"].tolist() == list(range(1, 9))  # 1-4 from the checkpoint, 5-8 resumed
+        torch.testing.assert_close(got["metrics"], expected["metrics"], equal_nan=True)
+        torch.testing.assert_close(got["depth_profile"], expected["depth_profile"])
+
+
+def test_two_monitors_keep_separate_state():
+    assert SmoothnessMonitor().state_key != SmoothnessMonitor(every_n_steps=5).state_key
+
+
+class _NaNModule(NestedBackboneModule):
+    def configure_optimizers(self):
+        with torch.no_grad():
+            self.net["backbone"].stages[1][2].conv1.weight.fill_(math.nan)
+        return super().configure_optimizers()
+
+
+def test_non_finite_weights_warn_once_and_training_goes_on(tmp_path):
+    monitor = SmoothnessMonitor(every_n_steps=1, plot=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, max_steps=4, max_epochs=2, callbacks=[monitor]).fit(
+            _NaNModule(tiny()), loader(8, SIZE)
+        )
+    messages = [str(w.message) for w in caught if "non-finite weights" in str(w.message)]
+    assert len(messages) == 1  # the NaN spreads to every weight through the first update
+    assert "stage 'net.backbone.stages.1': conv1.weight (from step 1)" in messages[0]
+    assert messages[0].endswith("their metrics are logged as NaN/inf")
+    history = monitor.history["net.backbone.stages.1"]
+    assert history["step"].tolist() == [1, 2, 3, 4]
+    row = history["parameters"].index("conv1.weight")
+    assert torch.isnan(history["metrics"][:, row, 0]).all()
+    assert math.isnan(float(csv_rows(tmp_path)[-1]["smoothness/net.backbone.stages.1/weight_norm"]))
+
+
+def test_a_module_without_stages_fails_at_setup(tmp_path):
+    with pytest.raises(
+        ValueError, match="SmoothnessMonitor: No residual stage found.*register_block"
+    ):
+        trainer(tmp_path, callbacks=[SmoothnessMonitor()]).fit(
+            NestedBackboneModule(nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 10))),
+            loader(4, SIZE),
+        )
+
+
+def test_stage_cache_follows_a_resample(tmp_path):
+    from resode_lightning.core.odeform import resample_depth
+
+    class Resample(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                resample_depth(pl_module.net["backbone"], {"stages.1": 6}, inplace=True)
+
+    monitor = SmoothnessMonitor(every_n_steps=1, plot=False)
+    trainer(tmp_path, max_steps=4, callbacks=[Resample(), monitor]).fit(
+        NestedBackboneModule(tiny(), lr=0.0), loader(16, SIZE)
+    )
+    profile = monitor.history["net.backbone.stages.1"]["depth_profile"]
+    assert profile.shape == (4, 5)
+    assert torch.isnan(profile[0, 3:]).all() and not torch.isnan(profile[1:]).any()
+
+
+lightning = pytest.importorskip("lightning.pytorch", reason="the unified lightning package")
+
+
+class _UnifiedModule(lightning.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = tiny()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.backbone(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_works_in_a_lightning_pytorch_trainer(tmp_path):
+    monitor = SmoothnessMonitor(every_n_steps=2, plot=False)
+    trainer(tmp_path, module=lightning, max_steps=4, callbacks=[monitor]).fit(
+        _UnifiedModule(), loader(16, SIZE)
+    )
+    assert monitor.history["backbone.stages.0"]["step"].tolist() == [2, 4]
+    assert "smoothness/backbone.stages.0/lipschitz" in csv_rows(tmp_path)[0]
+
+
+class _RankHistory(SmoothnessMonitor):
+    """Saves each rank's history, since ddp_spawn does not send callbacks back."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(every_n_steps=1, plot=False)
+        self.directory = directory
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        super().on_fit_end(trainer, pl_module)
+        torch.save(self.history, Path(self.directory) / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_spawn_two_processes_identical_values_logged_once(tmp_path):
+    monitor = _RankHistory(str(tmp_path))
+    trainer(
+        tmp_path,
+        max_steps=3,
+        strategy="ddp_spawn",
+        devices=2,
+        callbacks=[monitor],
+        log_every_n_steps=1,
+    ).fit(NestedBackboneModule(tiny()), loader(16, SIZE))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name in ranks[0]:
+        assert ranks[0][name]["step"].tolist() == [1, 2, 3]
+        torch.testing.assert_close(
+            ranks[0][name]["metrics"], ranks[1][name]["metrics"], rtol=0, atol=0
+        )
+    key = "smoothness/net.backbone.stages.0/lipschitz"
+    steps = [r["step"] for r in csv_rows(tmp_path) if r.get(key)]
+    assert steps == ["0", "1", "2"]
