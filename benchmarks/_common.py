@@ -17,7 +17,9 @@ RESULTS = Path(__file__).parent / "results"
 
 def environment(device: str) -> dict[str, str]:
     """Device, versions and date, recorded with every result."""
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    name = (
+        torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    )
     return {
         "device": f"{device} ({name})",
         "torch": torch.__version__,
@@ -34,10 +36,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(name: str, env: dict[str, str], rows: list[dict], columns: list[str], notes: str = "") -> Path:
+def write_results(
+    name: str, env: dict[str, str], rows: list[dict], columns: list[str], notes: str = ""
+) -> Path:
     """Write ``results/<name>.json`` and ``results/<name>.md``; returns the markdown path."""
     RESULTS.mkdir(exist_ok=True)
-    atomic_write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n", RESULTS / f"{name}.json")
+    atomic_write_text(
+        json.dumps({"environment": env, "rows": rows}, indent=2) + "\n", RESULTS / f"{name}.json"
+    )
     header = ", ".join(f"{k} {v}" for k, v in env.items())
     text = f"{markdown_table(rows, columns)}\n{header}\n" + (f"\n{notes}\n" if notes else "")
     return atomic_write_text(text, RESULTS / f"{name}.md")

@@ -19,7 +19,15 @@ from torch import nn
 
 from resode_lightning import find_stages, to_ode_form
 
-ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2", "resnext50_32x4d"]
+ARCHS = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "resnext50_32x4d",
+]
 
 
 def trained_like(arch: str, seed: int = 0) -> nn.Module:
@@ -68,8 +76,12 @@ def main() -> None:
     for row in rows:
         print(row)
     path = write_results(
-        "conversion", environment(args.device), rows, list(rows[0]),
-        notes=f"Batch 2, {args.size}x{args.size} random input; bounds: fp32 eval <= 1e-5, fp64 train <= 1e-9.",
+        "conversion",
+        environment(args.device),
+        rows,
+        list(rows[0]),
+        notes=f"Batch 2, {args.size}x{args.size} random input; "
+        "bounds: fp32 eval <= 1e-5, fp64 train <= 1e-9.",
     )
     print(f"wrote {path}")
 
