@@ -50,8 +50,9 @@ class _StageCache:
 
 
 def _signature(stage: Stage) -> tuple:
+    """What the cached tensor lists depend on, read without touching device memory."""
     children = tuple(id(child) for child in stage.container.children())
-    return id(stage.container), children, stage.is_ode_form, stage.horizon
+    return id(stage.container), children, id(stage.container._buffers.get(stage.marker))
 
 
 class SmoothnessMonitor(Callback):
