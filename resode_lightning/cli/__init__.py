@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from resode_lightning.cli import convert, smoothness
+from resode_lightning.cli import train as training
 
 SUBCOMMANDS = {"convert": convert, "smoothness": smoothness}
 
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Production ResNets as discretized neural ODEs.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in training.COMMANDS.items():  # parsed by LightningCLI, see main
+        commands.add_parser(name, help=f"{help_text}; see resode {name} --help", add_help=False)
     for name, module in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(sub)
@@ -28,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``resode`` with ``argv`` (default: the process arguments); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments and arguments[0] in training.COMMANDS:
+        return training.main(argv)
+    args = build_parser().parse_args(arguments)
     try:
         return SUBCOMMANDS[args.command].run(args)
     except (ValueError, FileNotFoundError, IsADirectoryError) as error:
