@@ -10,12 +10,18 @@ from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_d
 from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
 from resode_lightning.core.stages import BlockAdapter, Stage, find_stages, register_block
+from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from resode_lightning.lit import ImageClassifier
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockAdapter",
+    "CIFAR10DataModule",
     "CheckpointError",
+    "DigitsDataModule",
+    "ImageClassifier",
+    "ImageFolderDataModule",
     "ODEForm",
     "PreActBlock",
     "Stage",

@@ -173,9 +173,9 @@ class ImageClassifier(pl.LightningModule):
 
 
 def _accuracy(num_classes: int, split: str) -> MetricCollection:
-    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1)}
+    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
     if num_classes > 5 and split != "train":
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5)
+        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=f"{split}/")
 
 
