@@ -229,7 +229,7 @@ def plot_lipschitz(runs: dict[str, dict[str, Any]], path: Path) -> None:
     for init, run in runs.items():
         axis.plot(run["lipschitz_steps"], run["lipschitz"], label=f"{init} init")
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("L · max_k ||θ_{k+1} − θ_k||")
+    axis.set_ylabel(r"Lipschitz in depth $L \cdot \max_k \|\theta_{k+1} - \theta_k\|$")
     axis.set_yscale("symlog", linthresh=1.0)
     axis.legend()
     axis.grid(alpha=0.3)

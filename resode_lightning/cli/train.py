@@ -37,8 +37,17 @@ class ResodeCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError, TypeError) as error:
-            raise SetupError(str(error)) from error
+        except (ValueError, OSError, TypeError) as error:
+            raise SetupError(str(_root_cause(error))) from error
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost error of a chain: jsonargparse wraps a class's own error in its messages."""
+    while True:
+        inner = error.__cause__ or error.__context__
+        if not isinstance(inner, (ValueError, OSError, TypeError)):
+            return error
+        error = inner
 
 
 def cli(args: Sequence[str] | None = None, *, run: bool = True, **kwargs: object) -> ResodeCLI:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
 from resode_lightning.data.base import DataError, ImageDataModule, split_indices
@@ -73,7 +74,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.split_dirs = (root / "train").is_dir() and (root / "val").is_dir()
         train_root = root / "train" if self.split_dirs else root
         try:
-            self.classes, _ = ImageFolder.find_classes(str(train_root))
+            self.classes, _ = find_classes(str(train_root))
         except FileNotFoundError as error:
             raise DataError(f"{error}; {LAYOUT}") from None
         self.num_classes = len(self.classes)
