@@ -1,0 +1,15 @@
+"""Neural ODE export: residual stages as vector fields with weights continuous in depth."""
+
+from resode_lightning.export.build import export_neural_ode
+from resode_lightning.export.field import VectorField, WeightPath
+from resode_lightning.export.io import load_neural_ode, save_neural_ode
+from resode_lightning.export.solve import NeuralODEStage
+
+__all__ = [
+    "NeuralODEStage",
+    "VectorField",
+    "WeightPath",
+    "export_neural_ode",
+    "load_neural_ode",
+    "save_neural_ode",
+]

@@ -1,0 +1,156 @@
+"""The vector field of one stage: its residual branch with weights that are a path in time.
+
+Block ``k`` of a stage in ODE form computes ``P(x + h F_k(x))``. The field evaluates the
+branch of a template block with the weights ``θ(t)`` of a :class:`WeightPath` through the
+per-block weights (knot ``k`` at ``t_k = k h``), so that an Euler step on the original grid is
+block ``k`` itself. For post-activation blocks (``P`` not the identity) the field is the
+projected field of THEORY.md: at resolution ``s`` (the solver's step)
+
+    F̃_s(t, x) = (P(x + s F(t, x)) - x) / s,
+
+whose Euler step of size ``s`` is ``P(x + s F)``; for ``P = relu`` it is ``max(F, -x / s)`` on
+the non-negative orthant, and its limit ``s → 0`` (used by adaptive solvers) is
+``F̃ = F where x > 0, relu(F) where x <= 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from resode_lightning.core.paths import INTERPOLATIONS, Interpolation, interpolate
+from resode_lightning.core.stages import BlockAdapter
+
+
+def _key(name: str) -> str:
+    """A state-dict-safe key for a dotted tensor name (``conv1.weight`` -> ``conv1-weight``)."""
+    return name.replace(".", "-")
+
+
+class WeightPath(nn.Module):
+    """Tensors of one block type given at knot times, evaluated at any ``t`` by interpolation.
+
+    Args:
+        knots: ``{name: tensor of shape (m, *shape)}``: the value of every block tensor at the
+            ``m`` knots. Tensors in ``trainable`` become parameters, the others buffers.
+        times: increasing knot times, shape ``(m,)`` (kept in float64).
+        trainable: names whose path is an ``nn.Parameter``.
+        interpolation: ``"constant"`` or ``"linear"`` in ``t`` between knots.
+    """
+
+    def __init__(
+        self,
+        knots: Mapping[str, Tensor],
+        times: Tensor,
+        trainable: set[str],
+        interpolation: Interpolation,
+    ) -> None:
+        super().__init__()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}"
+            )
+        self.interpolation = interpolation
+        self.names = list(knots)
+        self.register_buffer("times", times.detach().to(torch.float64).clone())
+        self.values = nn.ParameterDict()
+        for name, value in knots.items():
+            value = value.detach().clone()
+            if name in trainable:
+                self.values[_key(name)] = nn.Parameter(value)
+            else:
+                self.register_buffer(f"fixed-{_key(name)}", value)
+
+    @property
+    def count(self) -> int:
+        """The number of knots ``m``."""
+        return self.times.shape[0]
+
+    def knots(self, name: str) -> Tensor:
+        """The knot values of tensor ``name``, shape ``(m, *shape)``."""
+        key = _key(name)
+        return self.values[key] if key in self.values else self._buffers[f"fixed-{key}"]
+
+    def forward(self, t: Tensor) -> dict[str, Tensor]:
+        """``{name: θ_name(t)}`` for a 0-d time ``t`` (no host sync, no gradient to ``t``)."""
+        t, times = t.detach(), self.times.to(t.device)
+        return {
+            name: interpolate(self.knots(name), times, t, self.interpolation) for name in self.names
+        }
+
+
+class _Branch(nn.Module):
+    """Calls an adapter's branch on a block, so that ``functional_call`` can swap its weights."""
+
+    def __init__(self, block: nn.Module, branch: Callable[[nn.Module, Tensor], Tensor]) -> None:
+        super().__init__()
+        self.block = block
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.branch(self.block, x)
+
+
+class VectorField(nn.Module):
+    """``F(t, x)``: the branch of one block type with weights ``θ(t)`` read from a path.
+
+    Args:
+        template: a block of the stage with its step removed (its branch is ``F``); its own
+            tensors are never used, only their names and the module's code. It is kept out of
+            the module tree (no parameters, no state-dict entries, unaffected by ``.to()`` and
+            ``.train()``: its normalisation layers stay in eval mode).
+        adapter: the block type's adapter (``branch`` and ``post``).
+        path: the weights of every block tensor as a function of ``t``.
+        scale: factor applied to the branch output (``L / horizon`` when the adapter has no
+            layer that carries the ODE-form rescale, else 1).
+    """
+
+    def __init__(
+        self, template: nn.Module, adapter: BlockAdapter, path: WeightPath, scale: float = 1.0
+    ):
+        super().__init__()
+        template = _Branch(template, adapter.branch).eval()
+        for parameter in template.parameters():
+            parameter.requires_grad_(False)
+        object.__setattr__(self, "template", template)
+        self.post = adapter.post
+        self.path = path
+        self.scale = scale
+        self.prefix = "block."
+
+    def branch(self, t: Tensor, x: Tensor) -> Tensor:
+        """The unprojected field ``F(t, x)``."""
+        weights = {self.prefix + name: value for name, value in self.path(t).items()}
+        out = functional_call(self.template, weights, (x,), strict=False)
+        return out * self.scale if self.scale != 1.0 else out
+
+    def forward(self, t: Tensor, x: Tensor, resolution: Tensor | None = None) -> Tensor:
+        """``F(t, x)``, projected at ``resolution`` (the step ``s``; ``None``: limit ``s → 0``)."""
+        field = self.branch(t, x)
+        if self.post is None:
+            return field
+        if resolution is not None:
+            return (self.post(x + resolution * field) - x) / resolution
+        return project(x, field, self.post)
+
+    def extra_repr(self) -> str:
+        post = "identity" if self.post is None else getattr(self.post, "__name__", repr(self.post))
+        return f"knots={self.path.count}, interpolation={self.path.interpolation}, post={post}"
+
+
+def project(x: Tensor, field: Tensor, post: Callable[[Tensor], Tensor]) -> Tensor:
+    """THEORY.md's projected field for ``post = relu``: ``F`` where ``x > 0``, else ``relu(F)``.
+
+    Raises:
+        ValueError: ``post`` is not relu (the limit of the projection is only known for relu).
+    """
+    if post not in (F.relu, torch.relu):
+        raise ValueError(
+            f"the continuous projected field is only defined for post=relu, got {post!r}; "
+            f"use a fixed-grid method, whose field is projected at the solver's step"
+        )
+    return torch.where(x > 0, field, F.relu(field))

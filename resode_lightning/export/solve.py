@@ -1,0 +1,225 @@
+"""The ODE stage: a residual stage as a vector field solved by torchdiffeq on ``[0, horizon]``.
+
+Three ways to differentiate the solve:
+
+- ``"backprop"``: through the solver's operations (memory grows with the steps);
+- ``"checkpoint"``: ``torch.utils.checkpoint`` around each solver step (each knot interval for
+  adaptive methods): only the state at each step is kept, one step is recomputed at a time in
+  backward; gradients equal backprop's to rounding;
+- ``"adjoint"``: torchdiffeq's ``odeint_adjoint`` with the path's parameters as
+  ``adjoint_params`` and only ``[0, horizon]`` requested: memory constant in the steps, but the
+  gradient is that of the continuous adjoint, reconstructed backwards in time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchdiffeq import odeint, odeint_adjoint
+
+from resode_lightning.export.field import VectorField
+
+FIXED_METHODS: tuple[str, ...] = (
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+)
+ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+GRADIENTS: tuple[str, ...] = ("backprop", "checkpoint", "adjoint")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class _UniformGrid:
+    """torchdiffeq ``grid_constructor``: ``steps`` equal steps between the requested end times."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def __call__(self, func: object, y0: Tensor, t: Tensor) -> Tensor:
+        fraction = torch.arange(self.steps + 1, dtype=torch.float64, device=t.device) / self.steps
+        grid = (t[0].double() + (t[-1].double() - t[0].double()) * fraction).to(t.dtype)
+        return torch.cat([t[:1], grid[1:-1], t[-1:]])
+
+
+class _Projected(nn.Module):
+    """The field as torchdiffeq calls it, projected at a fixed resolution (the solver's step)."""
+
+    def __init__(self, field: nn.Module, resolution: Tensor | None) -> None:
+        super().__init__()
+        self.field = field
+        self.resolution = resolution
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        return self.field(t, x, self.resolution)
+
+
+class NeuralODEStage(nn.Module):
+    """A residual stage as a neural ODE ``dx/dt = F(t, x)`` on ``[0, horizon]`` (torchdiffeq).
+
+    Args:
+        field: the stage's vector field.
+        horizon: end time of the solve.
+        method: a torchdiffeq method: fixed-grid (:data:`FIXED_METHODS`) or adaptive
+            (:data:`ADAPTIVE_METHODS`).
+        steps: number of equal steps of a fixed-grid method (``None`` for adaptive ones).
+        gradient: ``"backprop"``, ``"checkpoint"`` or ``"adjoint"``.
+        rtol: relative tolerance of adaptive methods.
+        atol: absolute tolerance of adaptive methods.
+        compile: evaluate the field through ``torch.compile`` (the field only, not the solver).
+
+    The input's dtype is kept. Under autocast a float16/bfloat16 state is integrated in float32
+    while the field's layers run in the autocast dtype; outside autocast, adaptive methods refuse
+    a float16/bfloat16 state.
+    """
+
+    def __init__(
+        self,
+        field: VectorField,
+        horizon: float,
+        *,
+        method: str,
+        steps: int | None,
+        gradient: str,
+        rtol: float,
+        atol: float,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        if method not in FIXED_METHODS + ADAPTIVE_METHODS:
+            raise ValueError(
+                f"method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {method!r}"
+            )
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        if (method in FIXED_METHODS) != (steps is not None):
+            raise ValueError(
+                f"steps must be given for fixed-grid methods and only for them (method={method!r})"
+            )
+        self.field = field
+        self.register_buffer("horizon", torch.tensor(float(horizon), dtype=torch.float64))
+        self.method = method
+        self.steps = steps
+        self.gradient = gradient
+        self.rtol = rtol
+        self.atol = atol
+        self.compile = compile
+        object.__setattr__(self, "_compiled", None)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+    def _func(self, x: Tensor) -> nn.Module:
+        field = self.field
+        if self.compile:
+            if self._compiled is None:
+                object.__setattr__(self, "_compiled", torch.compile(self.field))
+            field = self._compiled
+        resolution = None if self.adaptive else (self.horizon / self.steps).to(x.device, x.dtype)
+        return _Projected(field, resolution)
+
+    def _options(self, start: Tensor, stop: Tensor, steps: int | None) -> dict[str, object]:
+        if not self.adaptive:
+            return {"grid_constructor": _UniformGrid(steps)}
+        times = self.field.path.times.to(start.device, start.dtype)
+        inside = times[(times > start) & (times < stop)]
+        if inside.numel() == 0:
+            return {}
+        kind = "step_t" if self.field.path.interpolation == "linear" else "jump_t"
+        return {kind: inside}
+
+    def _solve(
+        self, func: nn.Module, x: Tensor, start: Tensor, stop: Tensor, steps: int | None
+    ) -> Tensor:
+        t = torch.stack([start, stop])
+        options = self._options(start, stop, steps)
+        kwargs = {"rtol": self.rtol, "atol": self.atol, "method": self.method, "options": options}
+        if self.gradient == "adjoint" and torch.is_grad_enabled():
+            params = tuple(p for p in self.field.parameters() if p.requires_grad)
+            return odeint_adjoint(func, x, t, adjoint_params=params, **kwargs)[-1]
+        return odeint(func, x, t, **kwargs)[-1]
+
+    def _segments(self, x: Tensor) -> list[tuple[Tensor, Tensor, int | None]]:
+        """The intervals checkpointed one at a time: solver steps, or knot intervals (adaptive)."""
+        horizon = self.horizon.to(x.device, x.dtype)
+        if not self.adaptive:
+            bounds = (
+                horizon
+                * torch.arange(self.steps + 1, device=x.device, dtype=torch.float64).to(x.dtype)
+                / self.steps
+            )
+            return [(bounds[i], bounds[i + 1], 1) for i in range(self.steps)]
+        bounds = torch.cat([self.field.path.times.to(x.device, x.dtype), horizon[None]])
+        return [(bounds[i], bounds[i + 1], None) for i in range(bounds.shape[0] - 1)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        state = x
+        if dtype in _LOW_PRECISION:
+            if torch.is_autocast_enabled(x.device.type):
+                state = x.float()
+            elif self.adaptive:
+                raise ValueError(
+                    f"{self.method} cannot integrate a {dtype} state: its step size underflows at "
+                    f"this precision. Keep the model in float32 and use torch.autocast, or use a "
+                    f"fixed-grid method (euler, rk4)."
+                )
+        func = self._func(state)
+        try:
+            if self.gradient == "checkpoint" and torch.is_grad_enabled():
+                for start, stop, steps in self._segments(state):
+                    state = checkpoint(
+                        self._step,
+                        func,
+                        state,
+                        start,
+                        stop,
+                        steps,
+                        use_reentrant=False,
+                        preserve_rng_state=False,
+                    )
+            else:
+                zero = state.new_zeros(())
+                steps = self.steps
+                state = self._solve(
+                    func, state, zero, self.horizon.to(state.device, state.dtype), steps
+                )
+        except AssertionError as error:
+            if "underflow in dt" not in str(error):
+                raise
+            raise RuntimeError(
+                _underflow_message(self.method, self.rtol, self.atol, state.device.type)
+            ) from None
+        return state.to(dtype)
+
+    def _step(
+        self, func: nn.Module, x: Tensor, start: Tensor, stop: Tensor, steps: int | None
+    ) -> Tensor:
+        return self._solve(func, x, start, stop, steps).clone()
+
+    def extra_repr(self) -> str:
+        grid = (
+            f"steps={self.steps}"
+            if not self.adaptive
+            else f"rtol={self.rtol:g}, atol={self.atol:g}"
+        )
+        horizon = float(self.horizon)
+        return f"method={self.method}, {grid}, gradient={self.gradient}, horizon={horizon:g}"
+
+
+def _underflow_message(method: str, rtol: float, atol: float, device_type: str) -> str:
+    message = f"{method} could not meet rtol={rtol:g}, atol={atol:g}: its step size underflowed"
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return (
+            f"{message}. Under autocast the field runs in {dtype}, whose rounding "
+            f"(eps {torch.finfo(dtype).eps:.1e}) is above these tolerances: raise rtol/atol "
+            f"above it, "
+            f"use a fixed-grid method (euler, rk4), or disable autocast around the stage."
+        )
+    return f"{message}; raise rtol/atol or use a fixed-grid method."
