@@ -311,7 +311,10 @@ def render_report(
     lines += [
         "",
         "The export error is max |y_ODE − y_ResNet| / max |y_ResNet| over the test set for the "
-        "neural ODE file loaded back with `load_neural_ode` (Euler, L steps).",
+        "neural ODE file loaded back with `load_neural_ode` (Euler, L steps). RK4 evaluates the "
+        "vector field between the knots too, where the weight path averages neighbouring blocks: "
+        "weights that are samples of a smooth path give a sensible field there, independent "
+        "blocks give weights the net never trained with.",
         "",
         "![accuracy against steps](accuracy_vs_steps.png)",
         "",

@@ -151,3 +151,11 @@ def test_unknown_architecture(in_tmp, capsys):
 @pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.stem for s in SNIPPETS])
 def test_readme_snippets_run(snippet, in_tmp):
     runpy.run_path(str(snippet), run_name="__main__")
+
+
+def test_quickstart_shows_the_tested_snippets_verbatim():
+    text = (ROOT / "docs" / "readme" / "quickstart.md").read_text()
+    assert len(SNIPPETS) >= 3
+    for snippet in SNIPPETS:
+        code = snippet.read_text().split('"""', 2)[2].lstrip("\n")
+        assert code in text, f"docs/readme/quickstart.md lacks the code of {snippet.name}"

@@ -1,7 +1,8 @@
 """``resode fit|validate|test|predict``: LightningCLI over ImageClassifier and the DataModules.
 
-Any ``LightningDataModule`` is accepted as ``data`` (``class_path`` + ``init_args``); the
-package's DataModules also set the model's ``num_classes`` and ``in_channels``.
+``data`` is any :class:`~resode_lightning.data.ImageDataModule` (``class_path`` and
+``init_args``): the package's digits, CIFAR-10 and image-folder modules, or your subclass. Its
+``num_classes`` and ``channels`` set the model's ``num_classes`` and ``in_channels``.
 """
 
 from __future__ import annotations
