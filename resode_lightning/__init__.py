@@ -3,7 +3,7 @@
 The names exported here are the public API; everything else is importable but not promised.
 """
 
-from resode_lightning.callbacks import ODEForm, SmoothnessMonitor
+from resode_lightning.callbacks import NeuralODEExport, ODEForm, SmoothnessMonitor
 from resode_lightning.core.io import CheckpointError, load_into, load_state_dict_file
 from resode_lightning.core.models import PreActBlock, ode_resnet
 from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
@@ -11,6 +11,7 @@ from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
 from resode_lightning.core.stages import BlockAdapter, Stage, find_stages, register_block
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
+from resode_lightning.export import export_neural_ode, load_neural_ode, save_neural_ode
 from resode_lightning.lit import ImageClassifier
 
 __version__ = "0.1.0"
@@ -22,17 +23,21 @@ __all__ = [
     "DigitsDataModule",
     "ImageClassifier",
     "ImageFolderDataModule",
+    "NeuralODEExport",
     "ODEForm",
     "PreActBlock",
     "Stage",
+    "export_neural_ode",
     "find_stages",
     "from_ode_form",
     "is_ode_form",
     "load_into",
+    "load_neural_ode",
     "load_state_dict_file",
     "ode_resnet",
     "register_block",
     "resample_depth",
+    "save_neural_ode",
     "plot_smoothness",
     "smoothness_metrics",
     "smoothness_report",

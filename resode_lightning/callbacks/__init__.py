@@ -1,6 +1,7 @@
 """Thin Lightning adapters over the core: each callback holds no math of its own."""
 
+from resode_lightning.callbacks.neural_ode_export import NeuralODEExport
 from resode_lightning.callbacks.ode_form import ODEForm
 from resode_lightning.callbacks.smoothness_monitor import SmoothnessMonitor
 
-__all__ = ["ODEForm", "SmoothnessMonitor"]
+__all__ = ["NeuralODEExport", "ODEForm", "SmoothnessMonitor"]

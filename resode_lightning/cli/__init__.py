@@ -9,10 +9,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from resode_lightning.cli import convert, smoothness
+from resode_lightning.cli import bench, convert, export, smoothness
 from resode_lightning.cli import train as training
 
-SUBCOMMANDS = {"convert": convert, "smoothness": smoothness}
+SUBCOMMANDS = {"convert": convert, "smoothness": smoothness, "export": export, "bench": bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
