@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one go (about 8 minutes on one H200): the CUDA tests, then the
+# monitor overhead, memory, speed and depth benchmarks with --device cuda. Each benchmark
+# writes its own results/*_cuda.* files; this script also writes results/gpu.md, the log of
+# the whole run, for the README.
+#
+#   bash benchmarks/gpu.sh            # uses .venv/bin/python when present, else python3
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+export PYTHONUNBUFFERED=1
+LOG=benchmarks/results/gpu.md
+mkdir -p benchmarks/results
+
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to measure')" || exit 1
+
+run() {  # run NAME TIMEOUT_S COMMAND...: one step, its output appended to the log
+  local name=$1 limit=$2; shift 2
+  echo "## $name" >>"$LOG"; echo '```' >>"$LOG"
+  local started=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tail -n 40 | tee -a "$LOG"
+  local status=${PIPESTATUS[0]}
+  echo '```' >>"$LOG"
+  echo "exit $status after $((SECONDS - started)) s" | tee -a "$LOG"; echo >>"$LOG"
+}
+
+{
+  echo "# GPU measurements"
+  echo
+  "$PY" -c "import torch; print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}')"
+  date -u +"%Y-%m-%d %H:%M UTC"
+  echo
+} >"$LOG"
+
+run "CUDA tests" 90 "$PY" -m pytest -q -p no:xdist -p no:cacheprovider -k "cuda or gpu" tests
+run "SmoothnessMonitor overhead (resnet50, batch 32, 224x224)" 150 "$PY" benchmarks/monitor_overhead.py --device cuda
+run "Peak memory vs steps" 120 "$PY" benchmarks/memory.py --device cuda --width 64 --size 32 --batch 32
+run "Inference speed: exported neural ODE vs source" 90 "$PY" benchmarks/speed.py --device cuda --size 224 --batch 64
+run "Depth-flexible inference on digits" 120 "$PY" benchmarks/depth.py --device cuda
+echo "wrote $LOG"
