@@ -108,6 +108,15 @@ def test_atomic_save_keeps_existing_file_on_failure(tmp_path):
         atomic_save({}, tmp_path / "no" / "such" / "dir.pt")
 
 
+def test_atomic_save_gives_new_files_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        atomic_save({"a": torch.zeros(1)}, tmp_path / "new.pt")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new.pt").stat().st_mode & 0o777 == 0o644
+
+
 def test_convert_cli_writes_an_ode_form_state_dict(tmp_path, capsys):
     model = tvm.resnet50(num_classes=10).eval()
     torch.save(
