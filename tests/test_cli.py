@@ -157,9 +157,9 @@ def test_readme_snippets_run(snippet, in_tmp):
         torch.set_num_threads(threads)
 
 
-def test_quickstart_shows_the_tested_snippets_verbatim():
-    text = (ROOT / "docs" / "readme" / "quickstart.md").read_text()
+def test_readme_shows_the_tested_snippets_verbatim():
+    text = (ROOT / "README.md").read_text()
     assert len(SNIPPETS) >= 4
     for snippet in SNIPPETS:
         code = snippet.read_text().split('"""', 2)[2].lstrip("\n")
-        assert code in text, f"docs/readme/quickstart.md lacks the code of {snippet.name}"
+        assert code in text, f"README.md lacks the code of {snippet.name}"
