@@ -18,6 +18,7 @@ from _common import environment, write_results
 from torch import nn
 
 from resode_lightning import find_stages, to_ode_form
+from resode_lightning.core.models import randomize_norms
 
 ARCHS = [
     "resnet18",
@@ -32,15 +33,7 @@ ARCHS = [
 
 def trained_like(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = tvm.get_model(arch, num_classes=1000)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.normal_(0, 0.1)
-                module.running_var.uniform_(0.5, 1.5)
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.normal_(0, 0.1)
-    return model
+    return randomize_norms(tvm.get_model(arch, num_classes=1000), seed)
 
 
 def relative_error(model: nn.Module, converted: nn.Module, x: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ from resode_lightning.callbacks import NeuralODEExport, SmoothnessMonitor
 from resode_lightning.cli import main as resode
 from resode_lightning.cli.train import cli
 from resode_lightning.core.io import atomic_save, atomic_write, atomic_write_text, load_into
-from resode_lightning.core.models import torchvision_resnet
+from resode_lightning.core.models import randomize_norms, torchvision_resnet
 from resode_lightning.core.odeform import to_ode_form
 from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.smoothness import METRICS
@@ -176,14 +176,7 @@ def check_conversion(out: Path) -> dict[str, Any]:
 
 def _random_resnet(arch: str) -> nn.Module:
     torch.manual_seed(0)
-    model = torchvision_resnet(arch).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-                module.weight.uniform_(0.5, 1.5)
-    return model
+    return randomize_norms(torchvision_resnet(arch)).eval()
 
 
 def _conversion_row(plain: nn.Module, converted: nn.Module, status: int) -> dict[str, Any]:

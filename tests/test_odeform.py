@@ -17,6 +17,7 @@ from resode_lightning import (
     resample_depth,
     to_ode_form,
 )
+from resode_lightning.core.models import randomize_norms
 from resode_lightning.core.odeform import blocks_at_depth
 
 ARCHS = [
@@ -34,24 +35,9 @@ def relative_error(output, reference):
     return float((output - reference).abs().max() / reference.abs().max())
 
 
-def randomise_norms(model: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, as a trained net has."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                shape = module.running_mean.shape
-                module.running_mean.copy_(0.1 * torch.randn(shape, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(shape, generator=generator))
-                if module.weight is not None:
-                    module.weight.copy_(0.5 + torch.rand(shape, generator=generator))
-                    module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
-    return model
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_conversion_is_lossless_in_eval_float32(arch):
-    model = randomise_norms(tvm.get_model(arch, num_classes=10)).eval()
+    model = randomize_norms(tvm.get_model(arch, num_classes=10)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         reference = model(x)
@@ -62,7 +48,7 @@ def test_conversion_is_lossless_in_eval_float32(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_conversion_is_lossless_in_train_float64(arch):
-    model = randomise_norms(tvm.get_model(arch, num_classes=10)).double().train()
+    model = randomize_norms(tvm.get_model(arch, num_classes=10)).double().train()
     converted = to_ode_form(model)
     x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
@@ -79,7 +65,7 @@ def test_state_dict_keys_kept_plus_one_marker_per_stage():
 
 
 def test_last_affine_layer_is_multiplied_by_depth_over_horizon():
-    model = randomise_norms(tvm.resnet50())
+    model = randomize_norms(tvm.resnet50())
     converted = to_ode_form(model, horizon=2.0)
     # layer3 has 5 identity blocks: factor L / horizon = 2.5; block 0 (downsampling) untouched
     torch.testing.assert_close(converted.layer3[1].bn3.weight, model.layer3[1].bn3.weight * 2.5)
@@ -89,7 +75,7 @@ def test_last_affine_layer_is_multiplied_by_depth_over_horizon():
 
 
 def test_converted_block_is_a_projected_euler_step_by_hand():
-    model = randomise_norms(tvm.resnet18()).eval()
+    model = randomize_norms(tvm.resnet18()).eval()
     converted = to_ode_form(model, horizon=3.0).eval()
     block = converted.layer1[1]
     x = torch.randn(2, 64, 8, 8)
@@ -106,7 +92,7 @@ def test_converted_block_is_a_projected_euler_step_by_hand():
 
 
 def test_conversion_is_idempotent_and_round_trips():
-    model = randomise_norms(tvm.resnet34())
+    model = randomize_norms(tvm.resnet34())
     once = to_ode_form(model)
     twice = to_ode_form(once, horizon=5.0)  # already converted: no-op, horizon kept
     for (name, a), b in zip(once.state_dict().items(), twice.state_dict().values()):
@@ -125,7 +111,7 @@ def test_strict_load_into_plain_model_fails_loudly():
 
 
 def test_package_loader_reads_markers_and_converts():
-    model = randomise_norms(tvm.resnet50()).eval()
+    model = randomize_norms(tvm.resnet50()).eval()
     converted = to_ode_form(model, horizon=0.5)
     fresh = load_into(tvm.resnet50(), converted.state_dict()).eval()
     assert is_ode_form(fresh) and find_stages(fresh)[0].horizon == 0.5
@@ -159,7 +145,7 @@ def test_norm_variants_convert_losslessly(norm_layer):
         model = without_affine(tvm.resnet18())
     else:
         model = tvm.resnet18(norm_layer=norm_layer)
-    model = randomise_norms(model).eval()
+    model = randomize_norms(model).eval()
     if norm_layer is nn.Identity:
         with torch.no_grad():
             for module in model.modules():
@@ -188,7 +174,7 @@ def test_horizon_must_be_positive():
 
 
 def test_resample_at_same_depth_is_identity():
-    model = randomise_norms(tvm.resnet50()).eval()
+    model = randomize_norms(tvm.resnet50()).eval()
     resampled = resample_depth(model, {"layer3": 5, "layer2": 3})
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -212,7 +198,7 @@ def test_resample_interpolates_linearly_in_depth_by_hand():
 
 
 def test_resample_half_steps_of_a_torchvision_stage_uses_step_horizon_over_steps():
-    model = randomise_norms(tvm.resnet50()).eval()
+    model = randomize_norms(tvm.resnet50()).eval()
     resampled = resample_depth(model, {"layer3": 2}).eval()
     assert [s.depth for s in find_stages(resampled)] == [2, 3, 2, 2]
     assert len(resampled.layer3) == 3  # downsampling block kept
