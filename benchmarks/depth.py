@@ -302,6 +302,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             axis.set_xscale("log", base=2)
             axis.set_xticks(list(FRACTIONS.values()), list(FRACTIONS))
             axis.grid(alpha=0.3)
+        top.set_ylim(0, 100)
         top.set_ylabel("test accuracy (%)")
         bottom.set_ylabel("latency (ms per batch)")
         bottom.set_xlabel("steps per stage")
