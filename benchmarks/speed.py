@@ -18,7 +18,7 @@ medians over rounds. The issue's targets: export at L steps / source <= 1.10, at
     python benchmarks/speed.py [--device cpu|cuda] [--size PX] [--batch N] [--rounds N]
 
 Defaults: CPU, 64x64 images, batch 16. On a GPU: ``--device cuda --size 224 --batch 64``.
-Writes ``results/speed_{device}.{json,md}``.
+Writes ``results/speed_{device}.{json,md,png}``.
 """
 
 from __future__ import annotations
@@ -128,6 +128,34 @@ def measure(name: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], path) -> None:
+    """Bars of each arm's median latency relative to the source ResNet, per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    arms = list(dict.fromkeys(row["arm"] for row in rows))
+    figure, axis = plt.subplots(figsize=(8, 3.6))
+    width = 0.8 / len(arms)
+    for index, arm in enumerate(arms):
+        ratios = [
+            next(r["ratio to ResNet"] for r in rows if r["model"] == m and r["arm"] == arm)
+            for m in models
+        ]
+        positions = [m + (index - (len(arms) - 1) / 2) * width for m in range(len(models))]
+        axis.bar(positions, ratios, width, label=arm)
+    for (arm, target), style in zip(TARGETS.items(), (":", "--")):
+        axis.axhline(target, linestyle=style, color="gray", label=f"target for {arm}: {target}")
+    axis.set_xticks(range(len(models)), models)
+    axis.set_ylabel("median latency / source ResNet")
+    axis.legend(fontsize=8, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -160,6 +188,7 @@ def main() -> None:
     path = write_results(name, env, rows, list(rows[0]), notes)
     payload = {"environment": env, "arguments": vars(args), "rows": rows, "notes": notes}
     atomic_write_text(json.dumps(payload, indent=2) + "\n", RESULTS / f"{name}.json")
+    plot(rows, RESULTS / f"{name}.png")
     print(path.read_text())
 
 

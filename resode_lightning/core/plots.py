@@ -36,7 +36,7 @@ def plot_smoothness(history: Mapping[str, Mapping[str, Any]], path: str | os.Pat
         raise ValueError("the smoothness history holds no measurement to plot")
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 2.6 * len(stages)), layout="constrained")
+    figure = Figure(figsize=(11, 2.8 * len(stages)), layout="constrained")
     axes = figure.subplots(len(stages), 2, squeeze=False, width_ratios=(3, 2))
     lipschitz = METRICS.index("lipschitz")
     for row, name in zip(axes, stages, strict=True):
@@ -51,7 +51,7 @@ def plot_smoothness(history: Mapping[str, Mapping[str, Any]], path: str | os.Pat
         row[0].set_ylabel("k")
         values = torch.as_tensor(record["metrics"])[:, 0, lipschitz].numpy()
         row[1].plot(steps, values, marker="." if len(steps) < 50 else None)
-        row[1].set_title(f"{name}: Lipschitz constant in depth")
+        row[1].set_title("Lipschitz constant in depth")
         row[1].set_xlabel("training step")
         row[1].set_ylabel(r"$L \max_k \|\theta_{k+1}-\theta_k\|$")
 
