@@ -137,3 +137,22 @@ def test_works_with_the_lightning_pytorch_namespace(tmp_path):
     ).fit(module, loader())
     assert is_ode_form(module)
     torch.testing.assert_close(outputs(module), before, rtol=1e-5, atol=1e-6)
+
+
+class ConvertToSyncBatchNorm(pl.Callback):
+    """What a DDP strategy with ``sync_batchnorm=True`` does between setup and fit start."""
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.net["backbone"] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(
+            pl_module.net["backbone"]
+        )
+
+
+def test_sync_batchnorm_replacement_keeps_the_function(tmp_path):
+    module = NestedBackboneModule(tvm.resnet18(num_classes=10))
+    before = outputs(module)
+    record = RecordAtFitStart()
+    callbacks = [ODEForm(), ConvertToSyncBatchNorm(), record]
+    trainer(tmp_path, callbacks, max_steps=0).fit(module, loader())
+    assert isinstance(module.net["backbone"].layer1[1].bn2, torch.nn.SyncBatchNorm)
+    torch.testing.assert_close(record.outputs[0], before, rtol=1e-5, atol=1e-6)

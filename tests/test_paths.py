@@ -61,3 +61,15 @@ def test_fit_knots_rejects_impossible_counts(count):
 def test_interpolation_mode_is_checked():
     with pytest.raises(ValueError, match="interpolation must be one of"):
         interpolate(torch.zeros(2, 1), knot_times(2), 0.1, "cubic")
+
+
+def test_interpolation_never_reads_the_time_on_the_host():
+    """A vector field evaluates the path at every solver step: no device-to-host sync there."""
+    from torch.profiler import ProfilerActivity, profile
+
+    values, times = torch.randn(8, 3, 3), knot_times(8).float()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for mode in ("linear", "constant"):
+            interpolate(values, times, torch.tensor(0.3), mode)
+    syncs = [e for e in profiler.events() if e.name == "aten::_local_scalar_dense"]
+    assert syncs == []

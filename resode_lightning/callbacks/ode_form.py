@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
-from resode_lightning.core.odeform import convert_stage
+from resode_lightning.core.odeform import convert_stage, refresh_steps
 from resode_lightning.core.stages import find_stages
 
 
@@ -21,7 +21,9 @@ class ODEForm(Callback):
     the parametrisation whose depth limit is a neural ODE. The conversion happens in ``setup``,
     before optimizers are built; stages already in ODE form (a second ``fit``, or a module
     restored from an ODE-form checkpoint) are left alone. The marker buffers the conversion adds
-    travel in the module's state dict, so Lightning checkpoints carry the form.
+    travel in the module's state dict, so Lightning checkpoints carry the form. At the start of
+    every fit, validation, test and predict run the form is checked again: layers replaced by
+    the strategy since setup (``sync_batchnorm=True``) get their step back.
 
     Args:
         horizon: time interval each stage integrates over (positive).
@@ -50,5 +52,27 @@ class ODEForm(Callback):
 
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._convert(pl_module)
+
+    @override
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # The strategy may have replaced norm layers since setup (sync_batchnorm), dropping
+        # the step hooks, and a restored plain checkpoint may have undone the form.
+        self._convert(pl_module)
+
+    @override
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._convert(pl_module)
+
+    @override
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._convert(pl_module)
+
+    @override
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._convert(pl_module)
+
+    def _convert(self, pl_module) -> None:
         for residual_stage in find_stages(pl_module):
             convert_stage(residual_stage, self.horizon)
+        refresh_steps(pl_module)

@@ -92,6 +92,20 @@ def unconvert_stage(stage: Stage) -> None:
     del stage.container._buffers[stage.marker]
 
 
+def refresh_steps(model: nn.Module) -> None:
+    """Re-install the step of every ODE-form stage of ``model``, in place.
+
+    The step lives in a forward hook on the last layer of each branch (torchvision blocks);
+    code that replaces that layer (``SyncBatchNorm.convert_sync_batchnorm``, quantisation,
+    fusion) drops the hook. The rescaled weights travel with the new layer; this puts the
+    step back so the model computes its function again.
+    """
+    for stage in find_stages(model):
+        if stage.is_ode_form:
+            for block in stage.blocks:
+                set_block_step(block, stage.adapter, stage.step)
+
+
 def _check_horizon(horizon: float) -> None:
     if not (isinstance(horizon, (int, float)) and horizon > 0 and horizon != float("inf")):
         raise ValueError(f"horizon must be a positive finite number, got {horizon!r}")
