@@ -311,3 +311,12 @@ def test_cuda_export_matches_and_adjoint_memory_is_flat():
         assert relative(export_neural_ode(model)(x), model(x)) <= 1e-5
     result = memory_benchmark((4, 64), ("adjoint",), device="cuda", repeats=1)
     assert result["ratios"]["adjoint_peak_ratio_max_over_min_steps"] <= 1.2
+
+
+def test_saving_a_modified_torchvision_resnet_is_refused_not_misloaded(tmp_path):
+    """A new stem or pooling is not in the saved spec: refuse instead of loading another net."""
+    model = torchvision_resnet("resnet18", num_classes=4)
+    model.maxpool = torch.nn.Identity()
+    with pytest.raises(ValueError):
+        save_neural_ode(export_neural_ode(model.eval()), tmp_path / "modified.pt")
+    assert list(tmp_path.iterdir()) == []

@@ -247,3 +247,20 @@ def test_ddp_spawn_two_processes_identical_values_logged_once(tmp_path):
     key = "smoothness/net.backbone.stages.0/lipschitz"
     steps = [r["step"] for r in csv_rows(tmp_path) if r.get(key)]
     assert steps == ["0", "1", "2"]
+
+
+def test_monitor_pickles_after_setup():
+    """ddp_spawn and checkpointing pickle callbacks: the stage cache must not come along."""
+    import pickle
+
+    import torchvision
+
+    from resode_lightning import SmoothnessMonitor
+
+    monitor = SmoothnessMonitor()
+    module = torch.nn.Module()
+    module.net = torchvision.models.resnet18()
+    monitor.setup(type("T", (), {"log_every_n_steps": 50})(), module, "fit")
+    assert monitor._caches
+    clone = pickle.loads(pickle.dumps(monitor))
+    assert clone._caches is None and clone.every_n_steps == monitor.every_n_steps

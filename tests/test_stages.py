@@ -97,3 +97,18 @@ def test_stage_step_and_repr():
     assert stage.step == pytest.approx(1 / 5)
     assert not stage.is_ode_form and stage.horizon is None
     assert "layer3" in repr(stage) and "5 x Bottleneck" in repr(stage)
+
+
+def test_resampling_a_block_without_settable_step_is_refused(tanh_block_registered_without_last):
+    from resode_lightning import resample_depth
+
+    model = nn.Sequential(TanhBlock(), TanhBlock(), TanhBlock(), TanhBlock())
+    with pytest.raises(ValueError, match="step cannot be changed"):
+        resample_depth(model, 2)
+
+
+@pytest.fixture
+def tanh_block_registered_without_last():
+    register_block(TanhBlock, branch=lambda block, x: block.conv(torch.tanh(x)))
+    yield
+    del _ADAPTERS[TanhBlock]

@@ -142,6 +142,10 @@ class SmoothnessMonitor(Callback):
         self._probe_input: Tensor | None = None
         self._warned: set[tuple[str, str]] = set()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the stage cache holds the model's tensors and adapters; it is rebuilt on demand
+        return {**self.__dict__, "_caches": None}
+
     @property
     @override
     def state_key(self) -> str:

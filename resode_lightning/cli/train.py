@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
@@ -34,6 +35,13 @@ class ResodeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.channels", "model.in_channels", apply_on="instantiate")
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        # --ckpt_path loads with torch.load(weights_only=True) unless the user asks otherwise
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "weights_only" in {action.dest for action in parser._actions}:
+            parser.set_defaults(weights_only=True)
+        return parser
 
     def instantiate_classes(self) -> None:
         try:

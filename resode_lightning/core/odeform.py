@@ -197,6 +197,12 @@ def blocks_at_depth(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     horizon = stage.horizon or 1.0
     blocks = stage.blocks
+    if stage.adapter.step_attribute is None and stage.adapter.last_layer(blocks[0]) is None:
+        raise ValueError(
+            f"stage {stage.name!r}: a {type(blocks[0]).__name__} has no layer ending its branch "
+            f"(or an affine=False norm there), so its step cannot be changed; register the block "
+            f"with last_layer=... or step_attribute=... to resample it (export_neural_ode works)"
+        )
     factors = ode_scale(stage)
     states = [block.state_dict() for block in blocks]
     old_times = knot_times(stage.depth, horizon)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from resode_lightning.core.models import ODEResNet, PreActBlock, ode_resnet, torchvision_resnet
+from resode_lightning.core.stages import MARKER
 
 # (block type, blocks per layer, groups, width per group) of each torchvision ResNet
 _TORCHVISION: dict[tuple[str, tuple[int, ...], int, int], str] = {
@@ -30,7 +32,30 @@ _TORCHVISION: dict[tuple[str, tuple[int, ...], int, int], str] = {
 
 
 def source_spec(model: nn.Module) -> dict[str, Any] | None:
-    """The spec rebuilding ``model``'s architecture (random weights), or ``None`` when unknown."""
+    """The spec rebuilding ``model``'s architecture (random weights), or ``None`` when unknown.
+
+    A spec is returned only when the model it rebuilds has the same modules and tensor shapes
+    as ``model`` (a torchvision ResNet with a new stem or pooling has none).
+    """
+    spec = _describe(model)
+    return spec if spec is not None and _rebuilds(spec, model) else None
+
+
+def _rebuilds(spec: dict[str, Any], model: nn.Module) -> bool:
+    with torch.device("meta"):
+        rebuilt = build_source(spec)
+
+    def layout(net: nn.Module) -> tuple:
+        modules = [(name, type(module)) for name, module in net.named_modules()]
+        shapes = [
+            (name, tuple(t.shape)) for name, t in net.state_dict().items() if MARKER not in name
+        ]
+        return modules, shapes
+
+    return layout(rebuilt) == layout(model)
+
+
+def _describe(model: nn.Module) -> dict[str, Any] | None:
     if isinstance(model, ResNet):
         layers = [model.layer1, model.layer2, model.layer3, model.layer4]
         block = type(layers[0][0])
