@@ -18,10 +18,6 @@ CALLBACK_BASES: tuple[type, ...] = (pl.Callback,)
 if lightning_pytorch is not None:
     CALLBACK_BASES += (lightning_pytorch.Callback,)
 
-LIGHTNING_MODULES: tuple[type, ...] = (pl.LightningModule,)
-if lightning_pytorch is not None:
-    LIGHTNING_MODULES += (lightning_pytorch.LightningModule,)
-
 
 class Callback(*CALLBACK_BASES):  # type: ignore[misc]
     """Base of the package's callbacks: a ``Callback`` of every installed Lightning namespace."""

@@ -114,6 +114,7 @@ def test_seed_is_reproducible_and_leaves_global_rng_alone():
         ({"activation": "tanh"}, "activation must be one of"),
         ({"stem": "mnist"}, "stem must be"),
         ({"horizon": 0.0}, "horizon must be positive"),
+        ({"horizon": float("inf")}, "horizon must be positive and finite"),
     ],
 )
 def test_invalid_arguments_are_named(kwargs, match):

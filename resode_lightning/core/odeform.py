@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from resode_lightning.core.paths import Interpolation, knot_times, resample
+from resode_lightning.core.paths import Interpolation, interpolate, knot_times
 from resode_lightning.core.stages import (
     MARKER,
     BlockAdapter,
@@ -215,7 +215,7 @@ def blocks_at_depth(
                     state[name] = value.clone()
                 continue
             stacked = torch.stack([state[name] for state in states]) * factors.get(name, 1.0)
-            path = resample(
+            path = interpolate(
                 stacked, old_times.to(stacked.device), new_times.to(stacked.device), interpolation
             )
             for state, row in zip(new_states, path):

@@ -62,13 +62,6 @@ def interpolate(
     return path[0] if scalar else path
 
 
-def resample(
-    values: Tensor, times: Tensor, new_times: Tensor, mode: Interpolation = "linear"
-) -> Tensor:
-    """The path through ``(times, values)`` evaluated at every one of ``new_times``."""
-    return interpolate(values, times, new_times, mode)
-
-
 def hat_basis(times: Tensor, knots: Tensor) -> Tensor:
     """``B[i, j]``: the piecewise-linear interpolant's weight of knot ``j`` at ``times[i]``."""
     eye = torch.eye(knots.shape[0], dtype=times.dtype, device=times.device)

@@ -78,11 +78,6 @@ def metrics_from_profiles(norms2: Tensor, first2: Tensor, second2: Tensor) -> di
     }
 
 
-def depth_profile(stacked: Mapping[str, Tensor]) -> Tensor:
-    """``||θ_{k+1} - θ_k||`` for every ``k``, all parameters as one vector, shape ``(L-1,)``."""
-    return squared_profiles(stacked)[ALL][1].sqrt()
-
-
 def smoothness_metrics(stacked: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """All metrics, per parameter name and for :data:`ALL` parameters as one vector.
 
