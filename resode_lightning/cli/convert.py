@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
-from resode_lightning.core.io import atomic_save, load_into, load_state_dict_file, strip_prefix
-from resode_lightning.core.models import TORCHVISION_RESNETS, torchvision_resnet
+from resode_lightning.cli._common import output_change, torchvision_from_state_dict
+from resode_lightning.core.io import atomic_save, load_state_dict_file
+from resode_lightning.core.models import TORCHVISION_RESNETS
 from resode_lightning.core.odeform import to_ode_form
 
 HELP = "convert a torchvision ResNet checkpoint (.pth/.ckpt) to ODE form"
@@ -29,11 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    state_dict = load_state_dict_file(args.weights)
-    model = torchvision_resnet(args.arch, num_classes=_num_classes(state_dict, args.arch))
-    load_into(model, strip_prefix(state_dict, model)).eval()
+    model = torchvision_from_state_dict(load_state_dict_file(args.weights), args.arch)
     converted = to_ode_form(model, horizon=args.horizon)
-    error = conversion_error(model, converted)
+    error = output_change(model, converted)
     atomic_save(converted.state_dict(), args.out)
     print(
         f"converted {args.arch} to ODE form (horizon {args.horizon:g}): max relative output "
@@ -41,18 +38,3 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {args.out}"
     )
     return 0
-
-
-def _num_classes(state_dict: dict[str, torch.Tensor], arch: str) -> int:
-    heads = [v for k, v in state_dict.items() if k.endswith("fc.weight") and v.dim() == 2]
-    if not heads:
-        raise ValueError(f"the checkpoint has no 'fc.weight' key: it is not a {arch} state dict")
-    return heads[0].shape[0]
-
-
-@torch.no_grad()
-def conversion_error(plain: torch.nn.Module, converted: torch.nn.Module, size: int = 64) -> float:
-    """max |y_ode - y| / max |y| on a fixed random batch, both models in eval mode."""
-    batch = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    reference = plain.eval()(batch)
-    return float((converted.eval()(batch) - reference).abs().max() / reference.abs().max())

@@ -6,10 +6,9 @@ import argparse
 import json
 import time
 
-import torch
-
-from resode_lightning.core.io import load_into, load_state_dict_file, strip_prefix
-from resode_lightning.core.models import TORCHVISION_RESNETS, torchvision_resnet
+from resode_lightning.cli._common import output_change, torchvision_from_state_dict
+from resode_lightning.core.io import load_state_dict_file
+from resode_lightning.core.models import TORCHVISION_RESNETS
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.io import save_neural_ode
 from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, GRADIENTS
@@ -73,14 +72,7 @@ def parse_steps(text: str | None) -> int | float | dict[str, int] | None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     steps = parse_steps(args.steps)
-    state_dict = load_state_dict_file(args.weights)
-    heads = [v for k, v in state_dict.items() if k.endswith("fc.weight") and v.dim() == 2]
-    if not heads:
-        raise ValueError(
-            f"the checkpoint has no 'fc.weight' key: it is not a {args.arch} state dict"
-        )
-    model = torchvision_resnet(args.arch, num_classes=heads[0].shape[0])
-    load_into(model, strip_prefix(state_dict, model)).eval()
+    model = torchvision_from_state_dict(load_state_dict_file(args.weights), args.arch)
     exported = export_neural_ode(
         model,
         method=args.method,
@@ -102,11 +94,3 @@ def run(args: argparse.Namespace) -> int:
         f"{change:.2e} on a random batch, {time.perf_counter() - started:.1f} s; wrote {args.out}"
     )
     return 0
-
-
-@torch.no_grad()
-def output_change(source: torch.nn.Module, exported: torch.nn.Module, size: int = 64) -> float:
-    """max |y_export - y| / max |y| on a fixed random batch, both in eval mode."""
-    batch = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    reference = source.eval()(batch)
-    return float((exported.eval()(batch) - reference).abs().max() / reference.abs().max())

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from resode_lightning.core.io import load_into, load_state_dict_file, strip_prefix
+from resode_lightning.cli._common import torchvision_from_state_dict
+from resode_lightning.core.io import load_state_dict_file, strip_prefix
 from resode_lightning.core.models import TORCHVISION_RESNETS, torchvision_resnet
 from resode_lightning.core.smoothness import METRICS, smoothness_report
 from resode_lightning.core.stages import MARKER
@@ -29,11 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     state_dict = load_state_dict_file(args.checkpoint)
     arch = args.arch or infer_arch(state_dict)
-    heads = [v for k, v in state_dict.items() if k.endswith("fc.weight") and v.dim() == 2]
-    if not heads:
-        raise ValueError(f"the checkpoint has no 'fc.weight' key: it is not a {arch} state dict")
-    model = torchvision_resnet(arch, num_classes=heads[0].shape[0])
-    load_into(model, state_dict)
+    model = torchvision_from_state_dict(state_dict, arch)
     rows = smoothness_report(model, per_parameter=args.per_parameter)
     print(f"{args.checkpoint}: {arch}, metrics in the ODE parametrisation")
     print(format_table(rows))
