@@ -12,56 +12,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from resode_lightning.bench import MODES, memory_benchmark
-from resode_lightning.cli.bench import ensure_malloc_env, table
+from resode_lightning.cli.bench import add_arguments, measure, ratio_lines, table
+from resode_lightning.core.io import atomic_write, atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128, 256])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    add_arguments(parser)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    if args.device == "cpu":
-        ensure_malloc_env(sys.orig_argv[1:])
-        torch.set_num_threads(1)
-    result = memory_benchmark(
-        args.steps,
-        args.modes,
-        width=args.width,
-        size=args.size,
-        batch=args.batch,
-        depth=args.depth,
-        device=args.device,
-        repeats=args.repeats,
-        log=print,
-    )
+    result = measure(args, own_process=True)
     device = torch.device(args.device).type
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"memory_{device}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    ratios = "\n".join(f"- {key}: {value:.3f}" for key, value in result["ratios"].items())
-    stem.with_suffix(".md").write_text(
+    atomic_write_text(json.dumps(result, indent=2), stem.with_suffix(".json"))
+    atomic_write_text(
         f"Peak memory and time of one training step ({result['device']}, width {args.width}, "
         f"{args.size}x{args.size}, batch {args.batch}, one state = {result['state_bytes']} bytes; "
-        f"exported stages have {args.depth} blocks)\n\n{table(result)}\n\n{ratios}\n"
+        f"exported stages have {args.depth} blocks)\n\n{table(result)}\n\n{ratio_lines(result)}\n",
+        stem.with_suffix(".md"),
     )
     plot(result, stem.with_suffix(".png"))
     print(table(result))
-    print(ratios)
+    print(ratio_lines(result))
 
 
 def plot(result: dict, path: Path) -> None:
@@ -85,7 +64,7 @@ def plot(result: dict, path: Path) -> None:
     memory.legend(fontsize=8)
     figure.suptitle(f"one training step, {result['device']}")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=120))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from resode_lightning import SmoothnessMonitor, find_stages
 from resode_lightning.core.models import torchvision_resnet
-from resode_lightning.core.smoothness import metric_table, stage_tensors
+from resode_lightning.core.odeform import stage_tensors
+from resode_lightning.core.smoothness import metric_table
 
 BATCH = 32
 INTERVAL = 50
@@ -114,9 +115,7 @@ def metric_time(device: str, repeats: int = 20) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument(
-        "--steps", type=int, help="timed steps per arm and round (cpu 6, cuda 200)"
-    )
+    parser.add_argument("--steps", type=int, help="timed steps per arm and round (cpu 6, cuda 200)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--size", type=int, help="image size (cpu 64, cuda 224)")

@@ -11,14 +11,13 @@ from torch import nn
 from resode_lightning import ode_resnet, plot_smoothness, smoothness_report, to_ode_form
 from resode_lightning.cli import main
 from resode_lightning.core.models import torchvision_resnet
-from resode_lightning.core.odeform import stage_parameters
+from resode_lightning.core.odeform import stage_parameters, stage_tensors
 from resode_lightning.core.smoothness import (
     ALL,
     METRICS,
     depth_consistency,
     metric_table,
     smoothness_metrics,
-    stage_tensors,
 )
 from resode_lightning.core.stages import find_stages
 

@@ -17,13 +17,13 @@ from torch import Tensor
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
+from resode_lightning.core.odeform import stage_tensors
 from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.smoothness import (
     ALL,
     METRICS,
     depth_consistency,
     metric_table,
-    stage_tensors,
 )
 from resode_lightning.core.stages import Stage, find_stages
 

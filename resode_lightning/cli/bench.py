@@ -55,14 +55,19 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace, *, own_process: bool) -> dict:
+    """Run the memory benchmark with the options of :func:`add_arguments`.
+
+    On CPU, ``own_process`` allows re-running the process with :data:`MALLOC_ENV` set (the
+    memory proxy needs it); a caller's program is never re-run.
+    """
     if args.device == "cpu":
-        if Path(sys.argv[0]).name in ("resode", "__main__.py"):  # never re-run a caller's program
+        if own_process:
             ensure_malloc_env([*sys.orig_argv[1:]])
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
-    result = memory_benchmark(
+    return memory_benchmark(
         args.steps,
         args.modes,
         width=args.width,
@@ -73,7 +78,14 @@ def run(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         log=print,
     )
+
+
+def ratio_lines(result: dict) -> str:
+    return "\n".join(f"- {key}: {value:.3f}" for key, value in result["ratios"].items())
+
+
+def run(args: argparse.Namespace) -> int:
+    result = measure(args, own_process=Path(sys.argv[0]).name in ("resode", "__main__.py"))
     print(table(result))
-    for key, value in result["ratios"].items():
-        print(f"{key}: {value:.3f}")
+    print(ratio_lines(result))
     return 0

@@ -168,20 +168,31 @@ def ode_scale(stage: Stage) -> dict[str, float]:
     return {f"{prefix}weight": 1.0 / stage.step, f"{prefix}bias": 1.0 / stage.step}
 
 
+def stage_tensors(stage: Stage) -> tuple[dict[str, list[Tensor]], dict[str, float]]:
+    """The live parameter tensors of a stage's blocks, by name, and their ODE-form factors.
+
+    Returns:
+        ``({name: [block_1's tensor, …, block_L's tensor]}, {name: factor})``: the tensors
+        are the blocks' own parameters (not copies), so the lists stay valid while training
+        updates them in place; ``factor`` is the scale at which a tensor counts in the ODE
+        parametrisation (see :func:`resode_lightning.core.odeform.ode_scale`), 1 when absent.
+    """
+    per_block = [dict(block.named_parameters()) for block in stage.blocks]
+    tensors = {name: [params[name] for params in per_block] for name in per_block[0]}
+    return tensors, ode_scale(stage)
+
+
 def stage_parameters(stage: Stage) -> dict[str, Tensor]:
     """The block parameters of ``stage`` stacked over depth, in the ODE parametrisation.
 
     Returns:
         ``{name: tensor of shape (L, *param_shape)}``, detached, on the parameters' device.
     """
-    factors = ode_scale(stage)
-    per_block = [dict(block.named_parameters()) for block in stage.blocks]
-    stacked = {}
+    tensors, factors = stage_tensors(stage)
     with torch.no_grad():
-        for name in per_block[0]:
-            values = torch.stack([params[name] for params in per_block])
-            stacked[name] = values * factors[name] if name in factors else values
-    return stacked
+        return {
+            name: torch.stack(values) * factors.get(name, 1.0) for name, values in tensors.items()
+        }
 
 
 def blocks_at_depth(

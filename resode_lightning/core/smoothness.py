@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resode_lightning.core.odeform import blocks_at_depth, ode_scale, stage_parameters
+from resode_lightning.core.odeform import blocks_at_depth, stage_parameters
 from resode_lightning.core.stages import Stage, find_stages, run_stage
 
 METRICS: tuple[str, ...] = (
@@ -94,20 +94,6 @@ def smoothness_metrics(stacked: Mapping[str, Tensor]) -> dict[str, dict[str, Ten
         raise ValueError(f"smoothness across depth needs at least 2 blocks, got {depth}")
     profiles = squared_profiles(stacked)
     return {name: metrics_from_profiles(*parts) for name, parts in profiles.items()}
-
-
-def stage_tensors(stage: Stage) -> tuple[dict[str, list[Tensor]], dict[str, float]]:
-    """The live parameter tensors of a stage's blocks, by name, and their ODE-form factors.
-
-    Returns:
-        ``({name: [block_1's tensor, …, block_L's tensor]}, {name: factor})``: the tensors
-        are the blocks' own parameters (not copies), so the lists stay valid while training
-        updates them in place; ``factor`` is the scale at which a tensor counts in the ODE
-        parametrisation (see :func:`resode_lightning.core.odeform.ode_scale`), 1 when absent.
-    """
-    per_block = [dict(block.named_parameters()) for block in stage.blocks]
-    tensors = {name: [params[name] for params in per_block] for name in per_block[0]}
-    return tensors, ode_scale(stage)
 
 
 @torch.no_grad()
