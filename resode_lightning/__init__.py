@@ -9,7 +9,14 @@ from resode_lightning.core.models import PreActBlock, ode_resnet
 from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
 from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
-from resode_lightning.core.stages import BlockAdapter, Stage, find_stages, register_block
+from resode_lightning.core.blocks import (
+    BlockAdapter,
+    BlockAdapterError,
+    register_block,
+    registered_blocks,
+    registration_scope,
+)
+from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from resode_lightning.export import export_neural_ode, load_neural_ode, save_neural_ode
 from resode_lightning.lit import ImageClassifier
@@ -18,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockAdapter",
+    "BlockAdapterError",
     "CIFAR10DataModule",
     "CheckpointError",
     "DigitsDataModule",
@@ -36,6 +44,8 @@ __all__ = [
     "load_state_dict_file",
     "ode_resnet",
     "register_block",
+    "registered_blocks",
+    "registration_scope",
     "resample_depth",
     "save_neural_ode",
     "plot_smoothness",

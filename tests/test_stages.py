@@ -6,7 +6,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from resode_lightning import find_stages, ode_resnet, register_block
-from resode_lightning.core.stages import _ADAPTERS
+from resode_lightning.core.blocks import registration_scope
 
 
 def depths(model):
@@ -49,9 +49,11 @@ class TanhBlock(nn.Module):
 
 @pytest.fixture
 def tanh_block_registered():
-    register_block(TanhBlock, branch=lambda block, x: block.conv(torch.tanh(x)), last_layer="conv")
-    yield
-    del _ADAPTERS[TanhBlock]
+    with registration_scope():
+        register_block(
+            TanhBlock, branch=lambda block, x: block.conv(torch.tanh(x)), last_layer="conv"
+        )
+        yield
 
 
 def test_registered_block_runs_split_at_shape_changes(tanh_block_registered):
@@ -109,6 +111,6 @@ def test_resampling_a_block_without_settable_step_is_refused(tanh_block_register
 
 @pytest.fixture
 def tanh_block_registered_without_last():
-    register_block(TanhBlock, branch=lambda block, x: block.conv(torch.tanh(x)))
-    yield
-    del _ADAPTERS[TanhBlock]
+    with registration_scope():
+        register_block(TanhBlock, branch=lambda block, x: block.conv(torch.tanh(x)))
+        yield

@@ -15,43 +15,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from resode_lightning.core.blocks import BlockAdapter, set_block_step
 from resode_lightning.core.paths import Interpolation, interpolate, knot_times
 from resode_lightning.core.stages import (
     MARKER,
-    BlockAdapter,
     Stage,
     find_stages,
     last_layer_name,
     scaled_tensors,
 )
-
-
-class _StepScale:
-    """Forward hook multiplying a layer's output by the step ``h`` (picklable, no closure)."""
-
-    def __init__(self, step: float) -> None:
-        self.step = step
-
-    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        return output * self.step
-
-    def __repr__(self) -> str:
-        return f"_StepScale({self.step:g})"
-
-
-def set_block_step(block: nn.Module, adapter: BlockAdapter, step: float | None) -> None:
-    """Make ``block`` multiply its branch by ``step`` (``None``: the plain block, no factor)."""
-    if adapter.step_attribute is not None:
-        setattr(block, adapter.step_attribute, 1.0 if step is None else step)
-        return
-    last = adapter.last_layer(block)
-    if last is None:
-        return
-    for key, hook in list(last._forward_hooks.items()):
-        if isinstance(hook, _StepScale):
-            del last._forward_hooks[key]
-    if step is not None:
-        last.register_forward_hook(_StepScale(step))
 
 
 @torch.no_grad()

@@ -1,186 +1,30 @@
 """Residual stages: runs of shape-preserving residual blocks, found through block adapters.
 
-A stage of L blocks computes ``x_{k+1} = P(x_k + h * F_k(x_k))``. A :class:`BlockAdapter`
-tells, for one block type, how to call its residual branch, which layer ends the branch
-(the one the ODE-form rescale multiplies) and the post-step map ``P``.
+A stage of L blocks computes ``x_{k+1} = P(x_k + h * F_k(x_k))``. A
+:class:`~resode_lightning.core.blocks.BlockAdapter` tells, for one block type, how to call its
+residual branch, which layer ends the branch (the one the ODE-form rescale multiplies) and the
+post-step map ``P``. Blocks are found in any container (``nn.Sequential``, ``nn.ModuleList``,
+timm's ``RegStage``, modules with named children), never inside a registered block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from resode_lightning.core.adapters import register_timm_if_imported
+from resode_lightning.core.blocks import (
+    _ADAPTERS,
+    BlockAdapter,
+    Post,
+    adapter_for,
+    verify_block,
+)
 
 MARKER = "ode_horizon"
 """Name (or prefix) of the persistent buffer that marks a stage as converted to ODE form."""
-
-
-@dataclass(frozen=True)
-class BlockAdapter:
-    """How the package reads one residual block type.
-
-    Args:
-        branch: ``branch(block, x)``: the increment the block adds to ``x`` before ``post``,
-            so that ``block(x) == post(x + branch(block, x))``.
-        last_layer: ``last_layer(block)``: the affine layer that ends the branch (a norm
-            layer with affine weight and bias, or a conv/linear layer), or ``None`` when the
-            branch ends in no rescalable layer; the stage then applies the factor ``L / horizon``
-            itself when it reads the vector field.
-        post: the post-step map ``P`` (``None`` for the identity: an exact Euler step).
-        is_identity_skip: whether a block's skip connection is the identity (it keeps shape).
-        step_attribute: name of the block attribute holding its own step ``h``, for blocks that
-            compute ``x + h * F(x)`` natively; ``None`` when the package scales the last layer's
-            output with a forward hook instead.
-        conv_bn_pairs: ``(conv, norm)`` submodule names that can be fused in eval mode.
-    """
-
-    branch: Callable[[nn.Module, Tensor], Tensor]
-    last_layer: Callable[[nn.Module], nn.Module | None]
-    post: Callable[[Tensor], Tensor] | None = None
-    is_identity_skip: Callable[[nn.Module], bool] = lambda block: True
-    step_attribute: str | None = None
-    conv_bn_pairs: tuple[tuple[str, str], ...] = ()
-
-
-_ADAPTERS: dict[type[nn.Module], BlockAdapter] = {}
-
-
-def register_block(
-    block_type: type[nn.Module],
-    *,
-    branch: Callable[[nn.Module, Tensor], Tensor],
-    last_layer: str | Callable[[nn.Module], nn.Module | None] | None = None,
-    post: Callable[[Tensor], Tensor] | None = None,
-    is_identity_skip: Callable[[nn.Module], bool] | None = None,
-    step_attribute: str | None = None,
-    conv_bn_pairs: tuple[tuple[str, str], ...] = (),
-) -> BlockAdapter:
-    """Teach the package a residual block type of your own.
-
-    Args:
-        block_type: the ``nn.Module`` subclass of the block.
-        branch: ``branch(block, x)`` returns what the block adds to ``x`` (its residual branch).
-        last_layer: the submodule name (e.g. ``"bn2"``) or a function returning the layer that
-            ends the branch. When ``None``, the ODE form leaves the weights as they are and the
-            factor ``L / horizon`` is applied to the branch output when the field is read.
-        post: the map applied after the sum (``torch.relu`` for post-activation blocks).
-        is_identity_skip: whether a given block keeps its input shape (default: always).
-        step_attribute: attribute through which the block applies its own step, if any.
-        conv_bn_pairs: conv/norm submodule name pairs that can be fused for export.
-
-    Returns:
-        The registered adapter.
-
-    Example::
-
-        >>> class MyBlock(nn.Module):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        ...     def forward(self, x):
-        ...         return x + self.conv(torch.tanh(x))
-        >>> def branch(block, x):
-        ...     return block.conv(torch.tanh(x))
-        >>> _ = register_block(MyBlock, branch=branch, last_layer="conv")
-    """
-    if not (isinstance(block_type, type) and issubclass(block_type, nn.Module)):
-        raise TypeError(f"block_type must be an nn.Module subclass, got {block_type!r}")
-    if not callable(branch):
-        raise TypeError("branch must be a callable branch(block, x) -> Tensor")
-    if isinstance(last_layer, str):
-        layer_name = last_layer
-
-        def last_layer_fn(block: nn.Module) -> nn.Module:
-            return block.get_submodule(layer_name)
-
-    else:
-        last_layer_fn = last_layer if last_layer is not None else _no_last_layer
-    adapter = BlockAdapter(
-        branch=branch,
-        last_layer=last_layer_fn,
-        post=post,
-        is_identity_skip=is_identity_skip or _always,
-        step_attribute=step_attribute,
-        conv_bn_pairs=tuple(conv_bn_pairs),
-    )
-    _ADAPTERS[block_type] = adapter
-    return adapter
-
-
-def adapter_for(block: nn.Module) -> BlockAdapter | None:
-    """The adapter registered for ``block``'s type (or its nearest registered base class)."""
-    for cls in type(block).__mro__:
-        if cls in _ADAPTERS:
-            return _ADAPTERS[cls]
-    return None
-
-
-def _always(block: nn.Module) -> bool:
-    return True
-
-
-def _no_last_layer(block: nn.Module) -> None:
-    return None
-
-
-def _no_downsample(block: nn.Module) -> bool:
-    return block.downsample is None and _conv_stride(block) == 1
-
-
-def _conv_stride(block: nn.Module) -> int:
-    conv = block.conv2 if isinstance(block, Bottleneck) else block.conv1
-    stride = conv.stride
-    return stride[0] if isinstance(stride, tuple) else stride
-
-
-def _last_norm_or_conv(norm_name: str, conv_name: str) -> Callable[[nn.Module], nn.Module | None]:
-    """The norm layer ending a torchvision branch when it is affine, else ``None``.
-
-    With ``affine=False`` (or a norm with no scale at all) the conv before it cannot carry
-    the factor, since the norm divides it out.
-    """
-
-    def last(block: nn.Module) -> nn.Module | None:
-        norm = getattr(block, norm_name)
-        if isinstance(norm, nn.Identity):
-            return getattr(block, conv_name)
-        if getattr(norm, "weight", None) is None:
-            return None
-        return norm
-
-    return last
-
-
-def _basic_branch(block: BasicBlock, x: Tensor) -> Tensor:
-    out = block.relu(block.bn1(block.conv1(x)))
-    return block.bn2(block.conv2(out))
-
-
-def _bottleneck_branch(block: Bottleneck, x: Tensor) -> Tensor:
-    out = block.relu(block.bn1(block.conv1(x)))
-    out = block.relu(block.bn2(block.conv2(out)))
-    return block.bn3(block.conv3(out))
-
-
-register_block(
-    BasicBlock,
-    branch=_basic_branch,
-    last_layer=_last_norm_or_conv("bn2", "conv2"),
-    post=F.relu,
-    is_identity_skip=_no_downsample,
-    conv_bn_pairs=(("conv1", "bn1"), ("conv2", "bn2")),
-)
-register_block(
-    Bottleneck,
-    branch=_bottleneck_branch,
-    last_layer=_last_norm_or_conv("bn3", "conv3"),
-    post=F.relu,
-    is_identity_skip=_no_downsample,
-    conv_bn_pairs=(("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
-)
 
 
 @dataclass
@@ -190,7 +34,7 @@ class Stage:
     Attributes:
         name: stable name: the container's module path (``layer3``), with ``[i:j]`` appended
             when the container holds more than one stage.
-        container: the ``nn.Sequential`` or ``nn.ModuleList`` that holds the blocks.
+        container: the module whose children the blocks are.
         indices: positions of the blocks in ``container``.
         adapter: how to read the blocks.
         marker: name of the buffer on ``container`` that marks this stage as ODE form.
@@ -206,6 +50,11 @@ class Stage:
     def blocks(self) -> list[nn.Module]:
         children = list(self.container.children())
         return [children[i] for i in self.indices]
+
+    @property
+    def post(self) -> Post | None:
+        """The post-step map ``P`` of the stage's blocks (``None``: the identity)."""
+        return self.adapter.post(self.blocks[0])
 
     @property
     def depth(self) -> int:
@@ -235,63 +84,72 @@ class Stage:
 def find_stages(model: nn.Module) -> list[Stage]:
     """Every maximal run of two or more consecutive identity-skip residual blocks, in order.
 
-    Blocks are children of an ``nn.Sequential`` or ``nn.ModuleList``; a block whose skip
-    changes shape (a downsampling block), or a block of another type, ends a run.
+    Blocks are children of any container (registered blocks are not looked inside). A block
+    whose skip changes shape (a downsampling block), a block of another type, another post map
+    or other parameter shapes (a pruned net) ends a run. The adapter of each block layout met
+    is verified once on a probe (:func:`~resode_lightning.core.blocks.verify_block`).
 
     Raises:
         ValueError: when the model holds no residual stage; the message lists the block types
             seen and says how to register one.
+        BlockAdapterError: a registered adapter does not describe its block.
     """
+    register_timm_if_imported()
     stages: list[Stage] = []
-    for path, module in model.named_modules():
-        if not isinstance(module, (nn.Sequential, nn.ModuleList)) or _inside_block(model, path):
-            continue
-        runs = _identity_runs(list(module.children()))
+    for path, module in _containers(model, ""):
+        children = list(module.children())
+        runs = _identity_runs(children)
         for start, stop in runs:
             name = path or type(model).__name__
             marker = MARKER
             if len(runs) > 1:
                 name = f"{name}[{start}:{stop}]"
                 marker = f"{MARKER}_{start}"
-            adapter = adapter_for(list(module.children())[start])
+            adapter = adapter_for(children[start])
+            verify_block(children[start], adapter)
             stages.append(Stage(name, module, list(range(start, stop)), adapter, marker))
     if not stages:
         raise ValueError(_no_stage_message(model))
     return stages
 
 
-def _inside_block(model: nn.Module, path: str) -> bool:
-    parts = path.split(".") if path else []
-    module = model
-    for part in parts[:-1]:
-        module = module.get_submodule(part)
-        if adapter_for(module) is not None:
-            return True
-    return False
+def _containers(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
+    """``module`` and its descendants, without looking inside registered blocks."""
+    yield path, module
+    for name, child in module.named_children():
+        if adapter_for(child) is None:
+            yield from _containers(child, f"{path}.{name}" if path else name)
+
+
+def _run_key(block: nn.Module) -> tuple | None:
+    """What blocks of one stage share: type, post map and parameter shapes (``None``: no block)."""
+    adapter = adapter_for(block)
+    if adapter is None or not adapter.is_identity_skip(block):
+        return None
+    post = adapter.post(block)
+    post_key = None if post is None else (type(post), repr(post))
+    shapes = tuple((name, tuple(p.shape)) for name, p in block.named_parameters())
+    return type(block), post_key, shapes
 
 
 def _identity_runs(children: list[nn.Module]) -> list[tuple[int, int]]:
     runs: list[tuple[int, int]] = []
-    start = None
-    for i, child in enumerate([*children, None]):
-        adapter = adapter_for(child) if child is not None else None
-        keeps = adapter is not None and adapter.is_identity_skip(child)
-        same_type = start is not None and keeps and type(child) is type(children[start])
-        if start is not None and not same_type:
-            if i - start >= 2:
+    keys = [_run_key(child) for child in children] + [None]
+    start = 0
+    for i in range(1, len(keys)):
+        if keys[i] != keys[start] or keys[i] is None:
+            if keys[start] is not None and i - start >= 2:
                 runs.append((start, i))
-            start = None
-        if keeps and start is None:
             start = i
     return runs
 
 
 def _no_stage_message(model: nn.Module) -> str:
     seen = sorted({type(m).__name__ for m in model.modules() if type(m) is not type(model)})
-    known = sorted(t.__name__ for t in _ADAPTERS)
+    known = sorted({t.__name__ for t in _ADAPTERS})
     return (
         f"No residual stage found in {type(model).__name__}: a stage is a run of at least two "
-        f"consecutive identity-skip residual blocks in an nn.Sequential or nn.ModuleList. "
+        f"consecutive identity-skip residual blocks of one registered type in a container. "
         f"Known block types: {', '.join(known)}. Module types seen: {', '.join(seen) or 'none'}. "
         f"If your blocks are residual, register their type with "
         f"resode_lightning.register_block(MyBlock, branch=lambda block, x: ..., last_layer='bn2')."

@@ -9,11 +9,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from resode_lightning.core.odeform import convert_stage, set_block_step
+from resode_lightning.core.blocks import fold_batchnorm, set_block_step
+from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.paths import INTERPOLATIONS, Interpolation, fit_knots, knot_times
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.export.field import VectorField, WeightPath
@@ -198,7 +196,7 @@ def _resolve_steps(stages: list[Stage], method: str, steps: Steps) -> dict[str, 
 
 def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: str) -> None:
     reasons = []
-    post = sorted({stage.name for stage in stages if stage.adapter.post is not None})
+    post = sorted({stage.name for stage in stages if stage.post is not None})
     if post:
         reasons.append(
             f"stages {post} have post-activation blocks (relu after the sum): the projected field "
@@ -228,7 +226,7 @@ def _field(
     for block in blocks:
         set_block_step(block, adapter, None)
         if fold_bn:
-            _fold_bn(block, adapter.conv_bn_pairs)
+            fold_batchnorm(block, adapter.conv_bn_pairs(block))
     trainable = {name for name, _ in blocks[0].named_parameters()}
     states = [block.state_dict() for block in blocks]
     values = {
@@ -244,15 +242,7 @@ def _field(
         values = {name: value for name, (value, _) in fitted.items()}
         times = next(iter(fitted.values()))[1].cpu()
     path = WeightPath(values, times, trainable, interpolation)
-    return VectorField(copy.deepcopy(blocks[0]), adapter, path, scale)
-
-
-def _fold_bn(block: nn.Module, pairs: tuple[tuple[str, str], ...]) -> None:
-    for conv_name, norm_name in pairs:
-        conv, norm = block.get_submodule(conv_name), block.get_submodule(norm_name)
-        if isinstance(conv, _ConvNd) and isinstance(norm, _BatchNorm) and norm.track_running_stats:
-            block.set_submodule(conv_name, fuse_conv_bn_eval(conv, norm))
-            block.set_submodule(norm_name, nn.Identity())
+    return VectorField(copy.deepcopy(blocks[0]), adapter.branch, stage.post, path, scale)
 
 
 def _replace(stage: Stage, module: nn.Module) -> None:

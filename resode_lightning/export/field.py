@@ -15,6 +15,7 @@ the non-negative orthant, and its limit ``s → 0`` (used by adaptive solvers) i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 
 import torch
@@ -23,7 +24,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from resode_lightning.core.paths import INTERPOLATIONS, Interpolation, interpolate
-from resode_lightning.core.stages import BlockAdapter
 
 
 def _key(name: str) -> str:
@@ -103,21 +103,27 @@ class VectorField(nn.Module):
             tensors are never used, only their names and the module's code. It is kept out of
             the module tree (no parameters, no state-dict entries, unaffected by ``.to()`` and
             ``.train()``: its normalisation layers stay in eval mode).
-        adapter: the block type's adapter (``branch`` and ``post``).
+        branch: ``branch(block, x)``: the block type's residual branch.
+        post: the post-step map of the stage's blocks (``None``: the identity).
         path: the weights of every block tensor as a function of ``t``.
         scale: factor applied to the branch output (``L / horizon`` when the adapter has no
             layer that carries the ODE-form rescale, else 1).
     """
 
     def __init__(
-        self, template: nn.Module, adapter: BlockAdapter, path: WeightPath, scale: float = 1.0
+        self,
+        template: nn.Module,
+        branch: Callable[[nn.Module, Tensor], Tensor],
+        post: Callable[[Tensor], Tensor] | None,
+        path: WeightPath,
+        scale: float = 1.0,
     ):
         super().__init__()
-        template = _Branch(template, adapter.branch).eval()
+        template = _Branch(template, branch).eval()
         for parameter in template.parameters():
             parameter.requires_grad_(False)
         object.__setattr__(self, "template", template)
-        self.post = adapter.post
+        object.__setattr__(self, "post", copy.deepcopy(post) if isinstance(post, nn.Module) else post)
         self.path = path
         self.scale = scale
         self.prefix = "block."
@@ -148,7 +154,7 @@ def project(x: Tensor, field: Tensor, post: Callable[[Tensor], Tensor]) -> Tenso
     Raises:
         ValueError: ``post`` is not relu (the limit of the projection is only known for relu).
     """
-    if post not in (F.relu, torch.relu):
+    if not (post in (F.relu, torch.relu) or type(post) is nn.ReLU):
         raise ValueError(
             f"the continuous projected field is only defined for post=relu, got {post!r}; "
             f"use a fixed-grid method, whose field is projected at the solver's step"

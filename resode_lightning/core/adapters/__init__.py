@@ -1,0 +1,22 @@
+"""Built-in block adapters: torchvision's ResNet and RegNet blocks, and timm's ResNet families.
+
+torchvision's are registered on import. timm's are registered the first time stages are
+looked for after ``timm`` has been imported, so that importing this package never imports timm.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from resode_lightning.core.adapters import torchvision as _torchvision  # noqa: F401  (registers)
+
+_timm_registered = False
+
+
+def register_timm_if_imported() -> None:
+    """Register the timm adapters once ``timm`` is in ``sys.modules`` (a no-op otherwise)."""
+    global _timm_registered
+    if _timm_registered or "timm" not in sys.modules:
+        return
+    _timm_registered = True
+    from resode_lightning.core.adapters import timm as _timm  # noqa: F401  (registers)
