@@ -4,11 +4,6 @@ The names exported here are the public API; everything else is importable but no
 """
 
 from resode_lightning.callbacks import NeuralODEExport, ODEForm, SmoothnessMonitor
-from resode_lightning.core.io import CheckpointError, load_into, load_state_dict_file
-from resode_lightning.core.models import PreActBlock, ode_resnet
-from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
-from resode_lightning.core.plots import plot_smoothness
-from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
 from resode_lightning.core.blocks import (
     BlockAdapter,
     BlockAdapterError,
@@ -16,6 +11,11 @@ from resode_lightning.core.blocks import (
     registered_blocks,
     registration_scope,
 )
+from resode_lightning.core.io import CheckpointError, load_into, load_state_dict_file
+from resode_lightning.core.models import PreActBlock, ode_resnet
+from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
+from resode_lightning.core.plots import plot_smoothness
+from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from resode_lightning.export import export_neural_ode, load_neural_ode, save_neural_ode

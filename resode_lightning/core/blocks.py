@@ -25,7 +25,7 @@ Pairs = tuple[tuple[str, str], ...]
 
 
 class BlockAdapterError(ValueError):
-    """A registered adapter does not describe its block: the package would compute something else."""
+    """A registered adapter does not describe its block (the package would compute another net)."""
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def set_block_step(block: nn.Module, adapter: BlockAdapter, step: float | None) 
 
 
 def is_plain_batchnorm(norm: nn.Module) -> bool:
-    """A norm that computes BatchNorm and nothing else (timm's norm+act counts when its act is off)."""
+    """A norm computing BatchNorm and nothing else (timm norm+act counts when its act is off)."""
     if not isinstance(norm, _BatchNorm) or not norm.track_running_stats:
         return False
     extras = [getattr(norm, name, None) for name in ("act", "drop")]

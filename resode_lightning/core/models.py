@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.blocks import register_block
+from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.stages import find_stages
 
 Init = Literal["tied", "smooth", "iid"]

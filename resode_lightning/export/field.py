@@ -123,7 +123,9 @@ class VectorField(nn.Module):
         for parameter in template.parameters():
             parameter.requires_grad_(False)
         object.__setattr__(self, "template", template)
-        object.__setattr__(self, "post", copy.deepcopy(post) if isinstance(post, nn.Module) else post)
+        object.__setattr__(
+            self, "post", copy.deepcopy(post) if isinstance(post, nn.Module) else post
+        )
         self.path = path
         self.scale = scale
         self.prefix = "block."
