@@ -258,10 +258,10 @@ def is_plain_batchnorm(norm: nn.Module) -> bool:
     """A norm computing BatchNorm and nothing else (timm norm+act counts when its act is off)."""
     if not isinstance(norm, _BatchNorm) or not norm.track_running_stats:
         return False
-    extras = [getattr(norm, name, None) for name in ("act", "drop")]
-    return type(norm).forward is _BatchNorm.forward or all(
-        extra is None or isinstance(extra, nn.Identity) for extra in extras
-    )
+    if type(norm).forward is _BatchNorm.forward:
+        return True
+    extras = [getattr(norm, name, None) for name in ("act", "drop")]  # timm's BatchNormAct2d
+    return all(isinstance(extra, nn.Identity) for extra in extras)
 
 
 def is_plain_conv(conv: nn.Module) -> bool:

@@ -10,6 +10,7 @@ and makes a strict load into a plain model fail loudly.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Mapping
 
 import torch
@@ -215,17 +216,13 @@ def blocks_at_depth(
 def _replace_blocks(stage: Stage, new_blocks: list[nn.Module]) -> None:
     container = stage.container
     names = list(container._modules)
-    if not all(name.isdigit() for name in names):
-        raise ValueError(
-            f"resample_depth needs stage {stage.name!r} in a container with numbered children "
-            f"(nn.Sequential(*blocks) or nn.ModuleList); found names {names}"
-        )
-    children = list(container._modules.values())
     start, stop = stage.indices[0], stage.indices[-1] + 1
+    renamed = _renamed_children(stage, names, start, stop, len(new_blocks))
+    children = list(container._modules.values())
     children = children[:start] + new_blocks + children[stop:]
     container._modules.clear()
-    for i, child in enumerate(children):
-        container._modules[str(i)] = child
+    for name, child in zip(renamed, children):
+        container._modules[name] = child
     shift = len(new_blocks) - stage.depth
     later = [
         k
@@ -236,6 +233,45 @@ def _replace_blocks(stage: Stage, new_blocks: list[nn.Module]) -> None:
         container._buffers[f"{MARKER}_{int(key.rsplit('_', 1)[1]) + shift}"] = (
             container._buffers.pop(key)
         )
+
+
+def _renamed_children(
+    stage: Stage, names: list[str], start: int, stop: int, count: int
+) -> list[str]:
+    """Child names after resampling: the run's numbering scheme (``3``, ``b3``, ``block4-3``)
+    continued over the new blocks, later children of that scheme shifted, others kept."""
+    numbered = [re.fullmatch(r"(.*?)(\d+)", name) for name in names[start:stop]]
+    prefixes = {match[1] for match in numbered if match}
+    numbers = [int(match[2]) for match in numbered if match]
+    consecutive = (
+        numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else False
+    )
+    if len(prefixes) != 1 or len(numbers) != stop - start or not consecutive:
+        raise ValueError(
+            f"resample_depth needs the blocks of stage {stage.name!r} numbered consecutively "
+            f"(0, 1, … or b1, b2, … or block4-0, block4-1, …) to name the new blocks; found "
+            f"{names[start:stop]}"
+        )
+    prefix, first = prefixes.pop(), numbers[0]
+    shift = count - (stop - start)
+
+    def later(name: str) -> str:
+        match = re.fullmatch(r"(.*?)(\d+)", name)
+        if match and match[1] == prefix and int(match[2]) >= first + stop - start:
+            return f"{prefix}{int(match[2]) + shift}"
+        return name
+
+    renamed = (
+        names[:start]
+        + [f"{prefix}{first + i}" for i in range(count)]
+        + [later(name) for name in names[stop:]]
+    )
+    if len(set(renamed)) != len(renamed):
+        raise ValueError(
+            f"resample_depth cannot rename the blocks of stage {stage.name!r} without clashing "
+            f"with other children of its container: {names}"
+        )
+    return renamed
 
 
 def resample_depth(

@@ -42,21 +42,25 @@ def interpolate(
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {mode!r}")
     if values.shape[0] != times.shape[0]:
         raise ValueError(f"{values.shape[0]} knot values but {times.shape[0]} knot times")
-    t = torch.as_tensor(t, device=times.device).to(times.dtype)
+    t = torch.as_tensor(t, dtype=times.dtype if isinstance(t, float) else None)
+    # a time within rounding of a knot is that knot: a float32 solver time k * h lands on
+    # block k, not on a blend of its neighbours
+    eps = torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0
+    tolerance = torch.maximum(4 * eps * times.abs().amax(), 1e-6 * (times[-1] - times[0]))
+    t = t.to(times.device, times.dtype)
     scalar = t.dim() == 0
     t = t.reshape(-1)  # indexing with a 0-d tensor would read it on the host: keep it 1-d
     count = times.shape[0]
     if count == 1:
         path = values[:1].expand(t.shape[0], *values.shape[1:])
     elif mode == "constant":
-        # a time within rounding of a knot counts as that knot
-        tolerance = 1e-6 * (times[-1] - times[0])
         index = (torch.searchsorted(times, t + tolerance, right=True) - 1).clamp(0, count - 1)
         path = values.index_select(0, index)
     else:
-        index = (torch.searchsorted(times, t, right=True) - 1).clamp(0, count - 2)
+        index = (torch.searchsorted(times, t + tolerance, right=True) - 1).clamp(0, count - 2)
         t0, t1 = times.index_select(0, index), times.index_select(0, index + 1)
-        weight = ((t - t0) / (t1 - t0)).clamp(0.0, 1.0).to(values.dtype)
+        offset = (t - t0).where((t - t0).abs() > tolerance, 0.0)
+        weight = (offset / (t1 - t0)).clamp(0.0, 1.0).to(values.dtype)
         weight = weight.reshape(weight.shape + (1,) * (values.dim() - 1))
         path = torch.lerp(values.index_select(0, index), values.index_select(0, index + 1), weight)
     return path[0] if scalar else path
