@@ -176,9 +176,11 @@ def test_registering_over_an_adapter_warns_and_scopes_restore_the_table():
     from torchvision.models.resnet import BasicBlock
 
     before = registered_blocks()[BasicBlock]
-    with registration_scope():
-        with pytest.warns(UserWarning, match="replacing the adapter of .*BasicBlock"):
-            register_block(BasicBlock, branch=lambda b, x: x)
+    with (
+        registration_scope(),
+        pytest.warns(UserWarning, match="replacing the adapter of .*BasicBlock"),
+    ):
+        register_block(BasicBlock, branch=lambda b, x: x)
     assert registered_blocks()[BasicBlock] is before
 
 
