@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from resode_lightning import (
+    CheckpointError,
     NeuralODEExport,
     export_neural_ode,
     load_neural_ode,
@@ -249,11 +250,12 @@ def test_error_paths(tmp_path):
         def forward(self, x):
             return self.body(x)
 
-    with pytest.raises(ValueError, match="cannot save this export"):
-        save_neural_ode(export_neural_ode(Wrapper()), tmp_path / "x.pt")
+    save_neural_ode(export_neural_ode(Wrapper()), tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="pass model=<a fresh .*Wrapper"):
+        load_neural_ode(tmp_path / "x.pt")
     with pytest.raises(ValueError, match="not made by export_neural_ode"):
         save_neural_ode(model, tmp_path / "y.pt")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
 def test_cli_export(tmp_path, capsys):
@@ -313,10 +315,18 @@ def test_cuda_export_matches_and_adjoint_memory_is_flat():
     assert result["ratios"]["adjoint_peak_ratio_max_over_min_steps"] <= 1.2
 
 
-def test_saving_a_modified_torchvision_resnet_is_refused_not_misloaded(tmp_path):
-    """A new stem or pooling is not in the saved spec: refuse instead of loading another net."""
+def test_a_modified_torchvision_resnet_loads_from_its_skeleton_not_misloaded(tmp_path):
+    """A new stem or pooling is not a torchvision spec: load only from a skeleton that has it."""
     model = torchvision_resnet("resnet18", num_classes=4)
     model.maxpool = torch.nn.Identity()
-    with pytest.raises(ValueError):
-        save_neural_ode(export_neural_ode(model.eval()), tmp_path / "modified.pt")
-    assert list(tmp_path.iterdir()) == []
+    exported = export_neural_ode(model.eval())
+    path = save_neural_ode(exported, tmp_path / "modified.pt")
+    with pytest.raises(CheckpointError, match="pass model="):
+        load_neural_ode(path)
+    with pytest.raises(CheckpointError, match="maxpool"):
+        load_neural_ode(path, model=torchvision_resnet("resnet18", num_classes=4))
+    skeleton = torchvision_resnet("resnet18", num_classes=4)
+    skeleton.maxpool = torch.nn.Identity()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_neural_ode(path, model=skeleton)(x), exported(x))

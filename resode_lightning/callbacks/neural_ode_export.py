@@ -13,21 +13,27 @@ from torch import nn
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
+from resode_lightning.core.blocks import BlockAdapterError
+from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import check_export_options, export_neural_ode
 from resode_lightning.export.io import save_neural_ode
-from resode_lightning.export.source import source_spec
 
 
 class NeuralODEExport(Callback):
     r"""At the end of ``fit``, export the module's ResNet as a neural ODE and save it.
 
-    The file (written atomically by :func:`save_neural_ode`, rank zero only) loads back with
-    ``resode_lightning.load_neural_ode(path)``, without unpickling anything.
+    Everything that could refuse the export is checked when fitting starts (``setup``), by
+    exporting the network once: an unknown submodule, a network without residual stages,
+    options that do not fit it, an output path that cannot be written. The file (written
+    atomically by :func:`save_neural_ode`, rank zero only) loads back without unpickling
+    anything, with ``resode_lightning.load_neural_ode(path)`` for a torchvision ResNet or an
+    ``ode_resnet``, and with ``load_neural_ode(path, model=<a fresh network>)`` for any other.
 
     Args:
-        path: output file; its directory is created if needed.
-        submodule: dotted name of the ResNet inside the LightningModule (e.g. ``"backbone"``);
-            by default the first torchvision ResNet or ``ode_resnet`` found in it.
+        path: output file; its directory is created at setup if needed.
+        submodule: dotted name of the network inside the LightningModule (e.g. ``"backbone"``);
+            by default the outermost submodule with a ``forward`` of its own that holds
+            residual stages (the first one, in registration order).
         method: torchdiffeq method of the export (``"euler"``, ``"rk4"``, ``"dopri5"``, ...).
         steps: fixed-grid steps (see :func:`export_neural_ode`).
         interpolation: ``"linear"`` or ``"constant"`` weight path in ``t``.
@@ -37,9 +43,13 @@ class NeuralODEExport(Callback):
         rtol: relative tolerance of adaptive methods.
         atol: absolute tolerance of adaptive methods.
 
+    Attributes:
+        network_name: dotted name of the network exported, found at setup.
+
     Raises:
-        ValueError: at construction, for an invalid export option; at setup, when no exportable
-            ResNet is found in the module.
+        ValueError: at construction, for an invalid export option; at setup of ``fit``, when
+            the network is not found or cannot be exported with these options, or ``path`` is
+            a directory.
 
     Example::
 
@@ -77,32 +87,55 @@ class NeuralODEExport(Callback):
             "rtol": rtol,
             "atol": atol,
         }
+        self.network_name: str | None = None
 
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._find(pl_module)
+        if stage != "fit":
+            return
+        self.network_name = self._find(pl_module)
+        network = pl_module.get_submodule(self.network_name)
+        try:
+            export_neural_ode(network, **self.options)
+        except ValueError as error:
+            raise ValueError(
+                f"NeuralODEExport: cannot export submodule {self.network_name!r} "
+                f"({type(network).__name__}): {error}"
+            ) from None
+        if self.path.is_dir():
+            raise ValueError(f"NeuralODEExport: path {str(self.path)!r} is a directory")
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def _find(self, pl_module: nn.Module) -> nn.Module:
+    def _find(self, pl_module: nn.Module) -> str:
+        """The dotted name of the network to export."""
         if self.submodule is not None:
             try:
-                return pl_module.get_submodule(self.submodule)
+                pl_module.get_submodule(self.submodule)
             except AttributeError:
                 raise ValueError(
                     f"NeuralODEExport: the module has no submodule {self.submodule!r}"
                 ) from None
-        for module in pl_module.modules():
-            if source_spec(module) is not None:
-                return module
+            return self.submodule
+        for name, module in pl_module.named_modules():
+            if not name or type(module).forward is nn.Module.forward:
+                continue  # the LightningModule itself, or a container without forward
+            try:
+                find_stages(module)
+            except BlockAdapterError:
+                raise
+            except ValueError:
+                continue
+            return name
         raise ValueError(
-            f"NeuralODEExport: no torchvision ResNet or ode_resnet found in "
-            f"{type(pl_module).__name__}; "
-            f"pass submodule='name' of the network to export"
+            f"NeuralODEExport: no submodule of {type(pl_module).__name__} holds residual "
+            f"stages; pass submodule='name' of the network to export, and register its block "
+            f"type with resode_lightning.register_block"
         )
 
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        exported = export_neural_ode(self._find(pl_module), **self.options)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_neural_ode(exported, self.path)
+        network = pl_module.get_submodule(self.network_name)
+        save_neural_ode(export_neural_ode(network, **self.options), self.path)

@@ -1,29 +1,43 @@
 """Save and load exported neural ODEs: weights plus a JSON configuration, no pickled objects.
 
 The file is a ``torch.save`` of ``{"config": <JSON text>, "state_dict": {...}}``: it loads with
-``torch.load(..., weights_only=True)``. The configuration names the source architecture and the
-export options; loading rebuilds that architecture, exports it with the same options and loads
-the weights strictly.
+``torch.load(..., weights_only=True)``. The configuration holds the source spec (see
+:mod:`resode_lightning.export.source`) and the export options. Loading exports a model of the
+source architecture with the same options, built by the package or given by the caller as a
+skeleton, and loads the weights into it strictly. Nothing named in the file is imported.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from resode_lightning.core.blocks import qualified_name
 from resode_lightning.core.io import CheckpointError, atomic_save
+from resode_lightning.core.odeform import convert_stage, unconvert_stage
+from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import export_neural_ode, exported_config
-from resode_lightning.export.source import build_source
+from resode_lightning.export.source import (
+    BUILT_KINDS,
+    build_source,
+    fingerprint,
+    fingerprint_differences,
+)
 
-FORMAT = "resode-neural-ode/1"
+FORMAT = "resode-neural-ode/2"
 
 
 def save_neural_ode(module: nn.Module, path: str | os.PathLike) -> Path:
     """Write an exported model to ``path`` atomically (whole or not at all).
+
+    Exports of any architecture can be saved; those of architectures other than torchvision
+    ResNets and ``ode_resnet`` load with a skeleton (see :func:`load_neural_ode`).
 
     Args:
         module: a model returned by :func:`export_neural_ode` (possibly fine-tuned since).
@@ -33,29 +47,38 @@ def save_neural_ode(module: nn.Module, path: str | os.PathLike) -> Path:
         The path written.
 
     Raises:
-        ValueError: ``module`` was not made by ``export_neural_ode``, or from an architecture
-            that cannot be rebuilt by name (only torchvision ResNets and ``ode_resnet`` can).
+        ValueError: ``module`` was not made by ``export_neural_ode``.
     """
     config = exported_config(module)
-    if config["source"] is None:
-        raise ValueError(
-            f"cannot save this export: its source {type(module).__name__} is not a torchvision "
-            f"ResNet or an ode_resnet, so it cannot be rebuilt by name; save module.state_dict() "
-            f"and re-export your architecture before loading it"
-        )
     text = json.dumps({"format": FORMAT, **config}, sort_keys=True)
     state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
     return atomic_save({"config": text, "state_dict": state}, path)
 
 
 def load_neural_ode(
-    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    map_location: str | torch.device = "cpu",
 ) -> nn.Module:
     """Read a model written by :func:`save_neural_ode` (without unpickling anything), in eval mode.
 
+    Args:
+        path: the file.
+        model: a skeleton of the source architecture: a fresh instance of the exported model's
+            class, built with the same arguments (its weights do not matter; it is not
+            modified). Needed when the source is neither a torchvision ResNet nor an
+            ``ode_resnet``; accepted for those too. Its block types must be registered.
+        map_location: device of the returned model.
+
+    Returns:
+        The exported model, with the saved weights and dtypes.
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is not a saved neural ODE, or its weights do not match.
+        CheckpointError: the file is not a saved neural ODE; it needs a skeleton and none was
+            given; the skeleton is of another class or structure than the source, or cannot be
+            exported; the weights do not match.
     """
     path = Path(path)
     if not path.is_file():
@@ -68,12 +91,63 @@ def load_neural_ode(
         raise CheckpointError(
             f"{path} is not a neural ODE file written by save_neural_ode (no config)"
         )
-    config = json.loads(content["config"])
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
-    model = export_neural_ode(build_source(config["source"]), **config["export"])
     try:
-        model.load_state_dict(content["state_dict"], strict=True)
+        config = json.loads(content["config"])
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} has an unreadable config: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    source = config["source"]
+    if model is None:
+        if source["kind"] not in BUILT_KINDS:
+            raise CheckpointError(
+                f"{path}: this export was made from {source['class']}; pass "
+                f"model=<a fresh {source['class']}(...)> to load_neural_ode (with its block types "
+                f"registered)"
+            )
+        base = build_source(source)
+    else:
+        _check_skeleton(path, source, model)
+        base = copy.deepcopy(model)
+    try:
+        _set_form(base, source["horizons"])
+        exported = export_neural_ode(base, **config["export"])
+    except ValueError as error:
+        raise CheckpointError(f"{path}: cannot export {source['class']} again: {error}") from None
+    try:
+        exported.load_state_dict(content["state_dict"], strict=True, assign=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{path} does not match its own configuration: {error}") from None
-    return model.to(map_location).eval()
+        what = "its own configuration" if model is None else "the export of the given model"
+        raise CheckpointError(f"{path} does not match {what}: {error}") from None
+    return exported.to(map_location).eval()
+
+
+def _check_skeleton(path: Path, source: dict[str, Any], model: nn.Module) -> None:
+    """Raise ``CheckpointError`` unless ``model`` has the source's class and structure."""
+    name = qualified_name(type(model))
+    if name != source["class"]:
+        raise CheckpointError(
+            f"{path} was exported from {source['class']}, but model= is a {name}; pass "
+            f"model=<a fresh {source['class']}(...)>"
+        )
+    differences = fingerprint_differences(source["fingerprint"], fingerprint(model))
+    if differences:
+        raise CheckpointError(
+            f"{path} was exported from another {name} than model= (other constructor "
+            f"arguments?): " + "; ".join(differences)
+        )
+
+
+def _set_form(model: nn.Module, horizons: dict[str, float]) -> None:
+    """Put the stages of ``model`` in the ODE form ``horizons`` records (plain where none).
+
+    The exported field of a stage depends on its horizon.
+    """
+    prefix_of = {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
+    for stage in find_stages(model):
+        horizon = horizons.get(prefix_of[id(stage.container)] + stage.marker)
+        if stage.horizon != horizon:
+            unconvert_stage(stage)
+            if horizon is not None:
+                convert_stage(stage, horizon)

@@ -1,8 +1,12 @@
-"""Name the architecture an export came from, so that a saved export can be rebuilt without pickle.
+"""Name and fingerprint the architecture an export came from, so that a saved export reloads.
 
-A *source spec* is a JSON-able dict: ``{"kind": "torchvision", "arch": ..., "num_classes": ...}``
-or ``{"kind": "ode_resnet", ...keyword arguments of ode_resnet}``. Models of other types have
-none: they can be exported but not saved with :func:`save_neural_ode`.
+A *source spec* is a JSON-able dict. Its ``kind`` says how the architecture is rebuilt:
+``"torchvision"`` (with ``arch`` and ``num_classes``) and ``"ode_resnet"`` (with the keyword
+arguments of :func:`~resode_lightning.ode_resnet`) are built by the package; ``"custom"`` is any
+other model, rebuilt from a skeleton the user passes. Every spec also holds ``class`` (the
+model's qualified class name, a string that is never imported), ``fingerprint`` (module types
+and tensor shapes by name, against which a skeleton is checked) and ``horizons`` (the ODE-form
+marker of each stage in ODE form).
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from resode_lightning.core.blocks import qualified_name
 from resode_lightning.core.models import ODEResNet, PreActBlock, ode_resnet, torchvision_resnet
 from resode_lightning.core.stages import MARKER
+
+BUILT_KINDS = ("torchvision", "ode_resnet")
+"""Kinds of source the package builds itself; others need a skeleton to load."""
 
 # (block type, blocks per layer, groups, width per group) of each torchvision ResNet
 _TORCHVISION: dict[tuple[str, tuple[int, ...], int, int], str] = {
@@ -30,29 +38,84 @@ _TORCHVISION: dict[tuple[str, tuple[int, ...], int, int], str] = {
     ("Bottleneck", (3, 4, 23, 3), 64, 4): "resnext101_64x4d",
 }
 
+_ODE_RESNET_ARGUMENTS = (
+    "depths",
+    "widths",
+    "num_classes",
+    "in_channels",
+    "stem",
+    "activation",
+    "norm",
+)
 
-def source_spec(model: nn.Module) -> dict[str, Any] | None:
-    """The spec rebuilding ``model``'s architecture (random weights), or ``None`` when unknown.
 
-    A spec is returned only when the model it rebuilds has the same modules and tensor shapes
-    as ``model`` (a torchvision ResNet with a new stem or pooling has none).
+def source_spec(model: nn.Module) -> dict[str, Any]:
+    """The spec of ``model``'s architecture (see the module docstring).
+
+    The kind is ``"torchvision"`` or ``"ode_resnet"`` only when the model the package builds
+    for it has the same modules and tensor shapes as ``model`` (a torchvision ResNet with a
+    new stem or pooling is ``"custom"``).
     """
+    structure = fingerprint(model)
     spec = _describe(model)
-    return spec if spec is not None and _rebuilds(spec, model) else None
+    if spec is None or fingerprint(_build(spec, device="meta")) != structure:
+        spec = {"kind": "custom"}
+    return {
+        **spec,
+        "class": qualified_name(type(model)),
+        "fingerprint": structure,
+        "horizons": {
+            key: float(value) for key, value in model.state_dict().items() if _is_marker(key)
+        },
+    }
 
 
-def _rebuilds(spec: dict[str, Any], model: nn.Module) -> bool:
-    with torch.device("meta"):
-        rebuilt = build_source(spec)
+def fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The structure of ``model``: module types and tensor shapes by name.
 
-    def layout(net: nn.Module) -> tuple:
-        modules = [(name, type(module)) for name, module in net.named_modules()]
-        shapes = [
-            (name, tuple(t.shape)) for name, t in net.state_dict().items() if MARKER not in name
+    ODE-form markers are left out: the form is not the architecture.
+    """
+    return {
+        "modules": {name: qualified_name(type(module)) for name, module in model.named_modules()},
+        "tensors": {
+            key: list(value.shape)
+            for key, value in model.state_dict().items()
+            if not _is_marker(key)
+        },
+    }
+
+
+def fingerprint_differences(source: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    """What differs between a source's fingerprint and a model's, a line per kind (none: equal)."""
+    lines = []
+    for part, what in (("modules", "type"), ("tensors", "shape")):
+        want, got = source[part], model[part]
+        missing = [name for name in want if name not in got]
+        unexpected = [name for name in got if name not in want]
+        changed = [
+            f"{name or '<root>'} {want[name]} -> {got[name]}"
+            for name in want
+            if name in got and want[name] != got[name]
         ]
-        return modules, shapes
+        if missing:
+            lines.append(
+                f"{len(missing)} {part} of the source missing from model= {_head(missing)}"
+            )
+        if unexpected:
+            lines.append(
+                f"{len(unexpected)} {part} of model= not in the source {_head(unexpected)}"
+            )
+        if changed:
+            lines.append(f"{len(changed)} {part} of another {what} in model= {_head(changed)}")
+    return lines
 
-    return layout(rebuilt) == layout(model)
+
+def _head(items: list[str], count: int = 5) -> str:
+    return "[" + ", ".join(items[:count]) + (", ...]" if len(items) > count else "]")
+
+
+def _is_marker(key: str) -> bool:
+    return key.rsplit(".", 1)[-1].startswith(MARKER)
 
 
 def _describe(model: nn.Module) -> dict[str, Any] | None:
@@ -90,12 +153,17 @@ def build_source(spec: dict[str, Any]) -> nn.Module:
     """A randomly initialised model of the architecture ``spec`` names, in eval mode.
 
     Raises:
-        ValueError: ``spec`` names no known architecture.
+        ValueError: ``spec`` is not of a kind the package builds (``BUILT_KINDS``).
     """
+    return _build(spec, device="cpu")
+
+
+def _build(spec: dict[str, Any], device: str) -> nn.Module:
     kind = spec.get("kind")
-    if kind == "torchvision":
-        return torchvision_resnet(spec["arch"], num_classes=spec["num_classes"]).eval()
-    if kind == "ode_resnet":
-        kwargs = {key: value for key, value in spec.items() if key != "kind"}
-        return ode_resnet(**kwargs, init="iid", seed=0).eval()
-    raise ValueError(f"unknown source architecture {spec!r}")
+    with torch.device(device):
+        if kind == "torchvision":
+            return torchvision_resnet(spec["arch"], num_classes=spec["num_classes"]).eval()
+        if kind == "ode_resnet":
+            kwargs = {name: spec[name] for name in _ODE_RESNET_ARGUMENTS}
+            return ode_resnet(**kwargs, init="iid", seed=0).eval()
+    raise ValueError(f"the package builds sources of kind {BUILT_KINDS}, not {kind!r}")
