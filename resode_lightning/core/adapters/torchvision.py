@@ -1,4 +1,5 @@
-"""Adapters for torchvision's residual blocks: ResNet's BasicBlock and Bottleneck."""
+"""Adapters for torchvision's residual blocks: ResNet's BasicBlock and Bottleneck, RegNet's
+ResBottleneckBlock."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torchvision.models.regnet import ResBottleneckBlock
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from resode_lightning.core.blocks import register_block
@@ -65,4 +68,44 @@ register_block(
     post=F.relu,
     is_identity_skip=_no_downsample,
     conv_bn_pairs=(("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+)
+
+
+def _regnet_no_projection(block: ResBottleneckBlock) -> bool:
+    stride = block.f.b[0].stride
+    return block.proj is None and (stride[0] if isinstance(stride, tuple) else stride) == 1
+
+
+def _regnet_branch(block: ResBottleneckBlock, x: Tensor) -> Tensor:
+    return block.f(x)
+
+
+def _regnet_last_layer(block: ResBottleneckBlock) -> nn.Module | None:
+    """The norm of ``f.c`` (its conv when it has none); ``None`` when the norm has no scale.
+
+    The squeeze-excitation gate of RegNet-Y sits before ``f.c``, so it never ends the branch.
+    """
+    unit = block.f.c
+    if len(unit) == 1:
+        return unit[0]
+    return unit[1] if getattr(unit[1], "weight", None) is not None else None
+
+
+def _regnet_pairs(block: ResBottleneckBlock) -> tuple[tuple[str, str], ...]:
+    """``(conv, BatchNorm)`` of each of ``f.a``, ``f.b``, ``f.c`` that has a BatchNorm."""
+    units = {name: getattr(block.f, name) for name in ("a", "b", "c")}
+    return tuple(
+        (f"f.{name}.0", f"f.{name}.1")
+        for name, unit in units.items()
+        if len(unit) > 1 and isinstance(unit[1], _BatchNorm)
+    )
+
+
+register_block(
+    ResBottleneckBlock,
+    branch=_regnet_branch,
+    last_layer=_regnet_last_layer,
+    post="activation",
+    is_identity_skip=_regnet_no_projection,
+    conv_bn_pairs=_regnet_pairs,
 )
