@@ -19,4 +19,7 @@ def register_timm_if_imported() -> None:
     if _timm_registered or "timm" not in sys.modules:
         return
     _timm_registered = True
-    from resode_lightning.core.adapters import timm_resnets  # noqa: F401  (registers)
+    from resode_lightning.core.adapters import (
+        timm_regnets,  # noqa: F401  (registers)
+        timm_resnets,  # noqa: F401  (registers)
+    )
