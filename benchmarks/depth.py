@@ -138,7 +138,7 @@ def variants(backbone: nn.Module) -> dict[str, tuple[dict[str, Any], nn.Module]]
             model = export_neural_ode(backbone, steps=FRACTIONS[steps], knots=knots)
             key = f"euler {steps}, knots {knots}"
             out[key] = ({"method": "euler", "steps": steps, "knots": knots}, model)
-    post = any(stage.adapter.post is not None for stage in find_stages(backbone))
+    post = any(stage.post is not None for stage in find_stages(backbone))
     for label, (rtol, atol) in TOLERANCES.items():
         if post and rtol < LOOSEST:
             continue

@@ -15,8 +15,9 @@ the non-negative orthant, and its limit ``s → 0`` (used by adaptive solvers) i
 
 from __future__ import annotations
 
+import bisect
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,34 @@ class WeightPath(nn.Module):
         key = _key(name)
         return self.values[key] if key in self.values else self._buffers[f"fixed-{key}"]
 
+    def tensors(self) -> list[Tensor]:
+        """The knot tensors (parameters and buffers) and the knot times."""
+        return [*(self.knots(name) for name in self.names), self.times]
+
+    def at(self, times: Sequence[float]) -> list[dict[str, Tensor]]:
+        """``{name: θ_name(t)}`` at each host time ``t``: a knot's own tensors (views) on a knot,
+        else their interpolation, computed once per distinct time."""
+        knots = self.times.tolist()
+        tolerance = 1e-6 * (knots[-1] - knots[0])
+        computed: dict[tuple[int, float], dict[str, Tensor]] = {}
+        result = []
+        for t in times:
+            index = max(0, bisect.bisect_right(knots, t + tolerance) - 1)
+            weight = 0.0
+            if self.interpolation == "linear" and index < len(knots) - 1:
+                weight = (t - knots[index]) / (knots[index + 1] - knots[index])
+                weight = 0.0 if weight * (knots[index + 1] - knots[index]) <= tolerance else weight
+            key = (index, weight)
+            if key not in computed:
+                computed[key] = {
+                    name: self.knots(name)[index]
+                    if weight == 0.0
+                    else torch.lerp(self.knots(name)[index], self.knots(name)[index + 1], weight)
+                    for name in self.names
+                }
+            result.append(computed[key])
+        return result
+
     def forward(self, t: Tensor) -> dict[str, Tensor]:
         """``{name: θ_name(t)}`` for a 0-d time ``t`` (no host sync, no gradient to ``t``)."""
         t, times = t.detach(), self.times.to(t.device)
@@ -129,6 +158,22 @@ class VectorField(nn.Module):
         self.path = path
         self.scale = scale
         self.prefix = "block."
+
+    def branch_module(self) -> nn.Module:
+        """A copy of the branch module, sharing the template's tensors, to :meth:`bind` weights to."""
+        memo = {id(t): t for t in [*self.template.parameters(), *self.template.buffers()]}
+        return copy.deepcopy(self.template, memo)
+
+    def bind(self, module: nn.Module, weights: Mapping[str, Tensor]) -> None:
+        """Make ``module`` (from :meth:`branch_module`) compute the branch with ``weights``."""
+        for name, tensor in weights.items():
+            path, _, leaf = (self.prefix + name).rpartition(".")
+            owner = module.get_submodule(path)
+            owner._parameters.pop(leaf, None)
+            if leaf in owner._buffers:
+                owner._buffers[leaf] = tensor
+            else:
+                setattr(owner, leaf, tensor)
 
     def branch(self, t: Tensor, x: Tensor) -> Tensor:
         """The unprojected field ``F(t, x)``."""
