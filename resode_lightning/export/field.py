@@ -160,7 +160,7 @@ class VectorField(nn.Module):
         self.prefix = "block."
 
     def branch_module(self) -> nn.Module:
-        """A copy of the branch module, sharing the template's tensors, to :meth:`bind` weights to."""
+        """A copy of the branch module sharing the template's tensors, for :meth:`bind`."""
         memo = {id(t): t for t in [*self.template.parameters(), *self.template.buffers()]}
         return copy.deepcopy(self.template, memo)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
@@ -29,7 +29,7 @@ def default_checkpoints(steps: int) -> int:
     return max(2, math.ceil(math.log2(max(steps, 1))) + 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _plan(steps: int, slots: int) -> tuple[int, int]:
     """``(R(steps, slots), best split m)`` of the module docstring's recurrence."""
     if steps <= 1:
