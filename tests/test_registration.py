@@ -241,3 +241,19 @@ def test_deep_stage_exports_to_float32_rounding():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert _relative(export_neural_ode(model)(x), model(x)) <= 1e-5
+
+
+def test_timm_adapters_first_met_inside_a_scope_stay_registered():
+    pytest.importorskip("timm")
+    import subprocess
+    import sys
+
+    code = (
+        "import timm\n"
+        "from resode_lightning import find_stages, registered_blocks, registration_scope\n"
+        "from timm.models.resnet import BasicBlock\n"
+        "with registration_scope():\n"
+        "    find_stages(timm.create_model('resnet18', num_classes=2))\n"
+        "assert BasicBlock in registered_blocks()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -166,8 +166,19 @@ def registration_scope() -> Iterator[None]:
     try:
         yield
     finally:
+        # the built-in adapters registered lazily in the scope (timm's) stay registered
+        builtin = {
+            cls: adapter
+            for cls, adapter in _ADAPTERS.items()
+            if cls not in saved and _is_builtin(adapter)
+        }
         _ADAPTERS.clear()
-        _ADAPTERS.update(saved)
+        _ADAPTERS.update(saved | builtin)
+
+
+def _is_builtin(adapter: BlockAdapter) -> bool:
+    module = getattr(adapter.branch, "__module__", None) or ""
+    return module.startswith("resode_lightning.core.adapters.")
 
 
 def qualified_name(cls: type) -> str:
@@ -305,15 +316,11 @@ def verify_block(block: nn.Module, adapter: BlockAdapter) -> None:
     if any(t.is_meta for t in block.parameters()):
         return  # nothing to compute on; checked when the block holds real weights
     probe = _probe_copy(block)
-    x = _probe_input(probe)
-    try:
-        with torch.no_grad():
-            probe(x.clone())
-    except Exception as error:  # the block's own code: any failure means "cannot probe"
-        reason = "no conv, norm or linear layer gives its input size" if x is None else error
+    x = _runnable_input(probe)
+    if x is None:
         warnings.warn(
             f"{qualified_name(type(block))}: its adapter is not verified, because the block "
-            f"could not run on a probe input ({reason})",
+            f"could not run on an input of the width of any of its conv, norm or linear layers",
             UserWarning,
             stacklevel=3,
         )
@@ -331,6 +338,17 @@ def verify_block(block: nn.Module, adapter: BlockAdapter) -> None:
             block, "the adapter raised on the block", math.inf, f"{type(error).__name__}: {error}"
         ) from error
     _VERIFIED.add(key)
+
+
+def _runnable_input(block: nn.Module) -> Tensor | None:
+    for x in _probe_inputs(block):
+        try:
+            with torch.no_grad():
+                block(x.clone())
+        except Exception:  # the block's own code rejects this width: try the next one
+            continue
+        return x
+    return None
 
 
 def _layout(block: nn.Module) -> tuple:
@@ -357,9 +375,10 @@ def _probe_copy(block: nn.Module) -> nn.Module:
     return probe
 
 
-def _probe_input(block: nn.Module) -> Tensor | None:
-    """An input of the block's width: from its first conv, norm or linear layer."""
+def _probe_inputs(block: nn.Module) -> list[Tensor]:
+    """Candidate inputs of the block's width, from its conv, norm and linear layers in order."""
     generator = torch.Generator().manual_seed(1)
+    sizes: list[tuple[int, ...]] = []
     for module in block.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             size = (2, module.in_channels, *[8] * len(module.kernel_size))
@@ -371,8 +390,9 @@ def _probe_input(block: nn.Module) -> Tensor | None:
             size = (2, module.in_features)
         else:
             continue
-        return torch.randn(size, generator=generator, dtype=torch.float64)
-    return None
+        if size not in sizes:
+            sizes.append(size)
+    return [torch.randn(size, generator=generator, dtype=torch.float64) for size in sizes]
 
 
 def _relative(actual: Tensor, expected: Tensor) -> float:
