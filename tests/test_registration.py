@@ -257,3 +257,42 @@ def test_timm_adapters_first_met_inside_a_scope_stay_registered():
         "assert BasicBlock in registered_blocks()\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class TimmLayersBlock(nn.Module):
+    """x + conv2(bn_act(conv1(x))) with timm's fused BatchNormAct2d and a StdConv2d at the end."""
+
+    def __init__(self, width: int = 4) -> None:
+        super().__init__()
+        from timm.layers import BatchNormAct2d, StdConv2d
+
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = BatchNormAct2d(width, act_layer=nn.ReLU)
+        self.conv2 = StdConv2d(width, width, 3, padding=1)
+
+    def branch(self, x):
+        return self.conv2(self.bn1(self.conv1(x)))
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+def test_timm_fused_norm_act_pair_folds_exactly_and_std_conv_last_layer_is_refused():
+    pytest.importorskip("timm")
+    register_block(
+        TimmLayersBlock, branch=lambda b, x: b.branch(x), conv_bn_pairs=(("conv1", "bn1"),)
+    )
+    model, x = _net(TimmLayersBlock), torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        assert _relative(export_neural_ode(model)(x), model(x)) < 1e-5
+    with (
+        registration_scope(),
+        pytest.warns(UserWarning, match="replacing"),
+        pytest.raises(BlockAdapterError, match="StdConv2d.*last_layer=None"),
+    ):
+        register_block(
+            TimmLayersBlock,
+            branch=lambda b, x: b.branch(x),
+            last_layer="conv2",
+            example=TimmLayersBlock(),
+        )

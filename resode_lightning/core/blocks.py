@@ -265,14 +265,18 @@ def set_block_step(block: nn.Module, adapter: BlockAdapter, step: float | None) 
 # ----------------------------------------------------------------------------- fusion
 
 
-def is_plain_batchnorm(norm: nn.Module) -> bool:
-    """A norm computing BatchNorm and nothing else (timm norm+act counts when its act is off)."""
+def _remainder_after_fold(norm: nn.Module) -> nn.Module | None:
+    """What is left of ``norm`` once its BatchNorm is folded into the conv before it: the
+    identity for a plain BatchNorm, the activation of timm's norm+act layers; ``None`` when
+    ``norm`` is no eval-foldable BatchNorm."""
     if not isinstance(norm, _BatchNorm) or not norm.track_running_stats:
-        return False
+        return None
     if type(norm).forward is _BatchNorm.forward:
-        return True
-    extras = [getattr(norm, name, None) for name in ("act", "drop")]  # timm's BatchNormAct2d
-    return all(isinstance(extra, nn.Identity) for extra in extras)
+        return nn.Identity()
+    act, drop = getattr(norm, "act", None), getattr(norm, "drop", None)  # timm's BatchNormAct2d
+    if isinstance(act, nn.Module) and isinstance(drop, nn.Identity):
+        return act
+    return None
 
 
 def is_plain_conv(conv: nn.Module) -> bool:
@@ -283,13 +287,15 @@ def is_plain_conv(conv: nn.Module) -> bool:
 def fold_batchnorm(block: nn.Module, pairs: Pairs) -> None:
     """Fuse each eval-mode ``(conv, norm)`` pair of ``block`` into one conv, in place.
 
-    Pairs whose conv or norm computes more than a plain conv or BatchNorm are left as they are.
+    A timm norm+act layer leaves its activation in place of the norm. Pairs whose conv or norm
+    computes more than that are left as they are.
     """
     for conv_name, norm_name in pairs:
         conv, norm = block.get_submodule(conv_name), block.get_submodule(norm_name)
-        if is_plain_conv(conv) and is_plain_batchnorm(norm):
+        remainder = _remainder_after_fold(norm)
+        if is_plain_conv(conv) and remainder is not None:
             block.set_submodule(conv_name, fuse_conv_bn_eval(conv.eval(), norm.eval()))
-            block.set_submodule(norm_name, nn.Identity())
+            block.set_submodule(norm_name, remainder)
 
 
 # ----------------------------------------------------------------------------- verification
