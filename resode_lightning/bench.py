@@ -8,7 +8,8 @@ export):
 - ``block_checkpoint``: the plain stage with ``torch.utils.checkpoint`` around every block;
 - ``torchdiffeq_adjoint``: a hand-written torchdiffeq baseline: one conv-BN-relu-conv-BN field
   with shared weights, ``odeint_adjoint`` with Euler and ``steps`` steps;
-- ``backprop``, ``checkpoint``, ``adjoint``: :func:`export_neural_ode` of a stage of ``depth``
+- ``backprop``, ``checkpoint``, ``recursive`` (with :data:`RECURSIVE_CHECKPOINTS` stored
+  states), ``adjoint``: :func:`export_neural_ode` of a stage of ``depth``
   blocks with that gradient mode, solved by Euler with ``steps`` steps (linear weight path,
   BatchNorm folded): the parameters stay fixed while the solver's steps grow, as for the
   torchdiffeq baseline. (With one knot per step instead, the parameters, their gradients and
@@ -54,8 +55,11 @@ MODES: tuple[str, ...] = (
     "torchdiffeq_adjoint",
     "backprop",
     "checkpoint",
+    "recursive",
     "adjoint",
 )
+RECURSIVE_CHECKPOINTS = 4
+"""Stored states of the ``recursive`` mode."""
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """Environment under which the CPU memory proxy counts every tensor (see the module docstring)."""
 
@@ -113,7 +117,7 @@ def stage_module(mode: str, steps: int, width: int, depth: int = 4) -> nn.Module
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "torchdiffeq_adjoint":
         return _TorchdiffeqAdjoint(width, steps)
-    blocks = depth if mode in ("backprop", "checkpoint", "adjoint") else steps
+    blocks = depth if mode in ("backprop", "checkpoint", "recursive", "adjoint") else steps
     stage = nn.Sequential(*[BasicBlock(width, width) for _ in range(blocks)])
     if mode == "plain":
         return stage
@@ -123,7 +127,11 @@ def stage_module(mode: str, steps: int, width: int, depth: int = 4) -> nn.Module
         return _BlockCheckpoint(stage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # adjoint on post-activation blocks
-        return export_neural_ode(_Wrapper(stage).eval(), gradient=mode, steps=steps).stage
+        checkpoints = RECURSIVE_CHECKPOINTS if mode == "recursive" else None
+        exported = export_neural_ode(
+            _Wrapper(stage).eval(), gradient=mode, steps=steps, checkpoints=checkpoints
+        )
+        return exported.stage
 
 
 def _proc_bytes(key: str) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from typing_extensions import override
@@ -15,8 +16,9 @@ from typing_extensions import override
 from resode_lightning._lightning import Callback
 from resode_lightning.core.blocks import BlockAdapterError
 from resode_lightning.core.stages import find_stages
-from resode_lightning.export.build import check_export_options, export_neural_ode
+from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.io import save_neural_ode
+from resode_lightning.export.options import ExportOptions
 
 
 class NeuralODEExport(Callback):
@@ -34,14 +36,9 @@ class NeuralODEExport(Callback):
         submodule: dotted name of the network inside the LightningModule (e.g. ``"backbone"``);
             by default the outermost submodule with a ``forward`` of its own that holds
             residual stages (the first one, in registration order).
-        method: torchdiffeq method of the export (``"euler"``, ``"rk4"``, ``"dopri5"``, ...).
-        steps: fixed-grid steps (see :func:`export_neural_ode`).
-        interpolation: ``"linear"`` or ``"constant"`` weight path in ``t``.
-        gradient: ``"backprop"``, ``"checkpoint"`` or ``"adjoint"``.
-        fold_bn: fold BatchNorm into the convolutions.
-        knots: number of knots of a least-squares weight path (``None``: one per block).
-        rtol: relative tolerance of adaptive methods.
-        atol: absolute tolerance of adaptive methods.
+        options: the export's :class:`~resode_lightning.export.options.ExportOptions`.
+        overrides: option names and values replacing those of ``options``
+            (``NeuralODEExport(path, method="rk4")``).
 
     Attributes:
         network_name: dotted name of the network exported, found at setup.
@@ -63,30 +60,14 @@ class NeuralODEExport(Callback):
         path: str | os.PathLike,
         *,
         submodule: str | None = None,
-        method: str = "euler",
-        steps: int | float | dict[str, int] | None = None,
-        interpolation: str = "linear",
-        gradient: str = "checkpoint",
-        fold_bn: bool = True,
-        knots: int | None = None,
-        rtol: float = 1e-5,
-        atol: float = 1e-6,
+        options: ExportOptions | None = None,
+        **overrides: Any,
     ) -> None:
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise ValueError(f"NeuralODEExport(path=...) must be a file path, got {path!r}")
-        check_export_options(method, steps, interpolation, gradient, knots, rtol, atol)
         self.path = Path(path)
         self.submodule = submodule
-        self.options = {
-            "method": method,
-            "steps": steps,
-            "interpolation": interpolation,
-            "gradient": gradient,
-            "fold_bn": fold_bn,
-            "knots": knots,
-            "rtol": rtol,
-            "atol": atol,
-        }
+        self.options = (options or ExportOptions()).replace(**overrides)
         self.network_name: str | None = None
 
     @override
@@ -96,7 +77,7 @@ class NeuralODEExport(Callback):
         self.network_name = self._find(pl_module)
         network = pl_module.get_submodule(self.network_name)
         try:
-            export_neural_ode(network, **self.options)
+            export_neural_ode(network, self.options)
         except ValueError as error:
             raise ValueError(
                 f"NeuralODEExport: cannot export submodule {self.network_name!r} "
@@ -138,4 +119,4 @@ class NeuralODEExport(Callback):
         if not trainer.is_global_zero:
             return
         network = pl_module.get_submodule(self.network_name)
-        save_neural_ode(export_neural_ode(network, **self.options), self.path)
+        save_neural_ode(export_neural_ode(network, self.options), self.path)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import fields
 
 from resode_lightning.cli._common import output_change, torchvision_from_state_dict
 from resode_lightning.core.io import load_state_dict_file
 from resode_lightning.core.models import TORCHVISION_RESNETS
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.io import save_neural_ode
-from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, GRADIENTS
+from resode_lightning.export.options import ExportOptions
 
 HELP = "export a torchvision ResNet checkpoint as a neural ODE (torchdiffeq, adjoint/checkpoint)"
 
@@ -26,31 +27,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="state dict: .pth, Lightning .ckpt, .safetensors, or a resode convert output",
     )
     parser.add_argument("--out", required=True, help="output file (written atomically)")
-    parser.add_argument("--method", default="euler", choices=FIXED_METHODS + ADAPTIVE_METHODS)
-    parser.add_argument(
-        "--steps",
-        default=None,
-        help="fixed-grid steps: an int, a fraction of each stage's depth, or JSON {stage: int}",
-    )
-    parser.add_argument("--interpolation", default="linear", choices=("linear", "constant"))
-    parser.add_argument("--gradient", default="checkpoint", choices=GRADIENTS)
-    parser.add_argument(
-        "--no-fold-bn", dest="fold_bn", action="store_false", help="keep BatchNorm in the field"
-    )
-    parser.add_argument(
-        "--knots",
-        type=int,
-        default=None,
-        help="least-squares knots per stage (default: one per block)",
-    )
-    parser.add_argument(
-        "--rtol", type=float, default=1e-5, help="relative tolerance of adaptive methods"
-    )
-    parser.add_argument(
-        "--atol", type=float, default=1e-6, help="absolute tolerance of adaptive methods"
-    )
+    add_option_arguments(parser)
     parser.add_argument(
         "--size", type=int, default=64, help="image size of the random check batch (default 64)"
+    )
+
+
+def add_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """One argument per :class:`ExportOptions` field, with its default, choices and help."""
+    for option in fields(ExportOptions):
+        flag = "--" + option.name.replace("_", "-")
+        meta = option.metadata
+        if option.type == "bool":
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=option.default,
+                help=meta["help"],
+            )
+            continue
+        kind = {"int | None": int, "float": float, "Steps": parse_steps}.get(option.type, str)
+        parser.add_argument(
+            flag, type=kind, default=option.default, choices=meta.get("choices"), help=meta["help"]
+        )
+
+
+def options_from(args: argparse.Namespace) -> ExportOptions:
+    """The :class:`ExportOptions` given on the command line."""
+    return ExportOptions(
+        **{option.name: getattr(args, option.name) for option in fields(ExportOptions)}
     )
 
 
@@ -71,25 +76,15 @@ def parse_steps(text: str | None) -> int | float | dict[str, int] | None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    steps = parse_steps(args.steps)
+    options = options_from(args)
     model = torchvision_from_state_dict(load_state_dict_file(args.weights), args.arch)
-    exported = export_neural_ode(
-        model,
-        method=args.method,
-        steps=steps,
-        interpolation=args.interpolation,
-        gradient=args.gradient,
-        fold_bn=args.fold_bn,
-        knots=args.knots,
-        rtol=args.rtol,
-        atol=args.atol,
-    )
+    exported = export_neural_ode(model, options)
     change = output_change(model, exported, args.size)
     save_neural_ode(exported, args.out)
     source_count = sum(p.numel() for p in model.parameters())
     export_count = sum(p.numel() for p in exported.parameters())
     print(
-        f"exported {args.arch} as a neural ODE ({args.method}, gradient {args.gradient}): "
+        f"exported {args.arch} as a neural ODE ({options.method}, gradient {options.gradient}): "
         f"{export_count:,} parameters (source {source_count:,}), max relative output change "
         f"{change:.2e} on a random batch, {time.perf_counter() - started:.1f} s; wrote {args.out}"
     )

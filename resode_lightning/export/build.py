@@ -12,68 +12,43 @@ from torch import nn
 
 from resode_lightning.core.blocks import fold_batchnorm, set_block_step
 from resode_lightning.core.odeform import convert_stage
-from resode_lightning.core.paths import INTERPOLATIONS, Interpolation, fit_knots, knot_times
+from resode_lightning.core.paths import Interpolation, fit_knots, knot_times
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.export.field import VectorField, WeightPath
-from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, GRADIENTS, NeuralODEStage
+from resode_lightning.export.options import ExportOptions, Steps
+from resode_lightning.export.solve import ADAPTIVE_METHODS, NeuralODEStage
 from resode_lightning.export.source import source_spec
-
-Steps = int | float | Mapping[str, int] | None
 
 CONFIG_ATTRIBUTE = "neural_ode_config"
 """Attribute of an exported model holding its export configuration (a JSON-able dict)."""
 
 
 def export_neural_ode(
-    model: nn.Module,
-    *,
-    method: str = "euler",
-    steps: Steps = None,
-    interpolation: Interpolation = "linear",
-    gradient: str = "checkpoint",
-    fold_bn: bool = True,
-    knots: int | None = None,
-    rtol: float = 1e-5,
-    atol: float = 1e-6,
-    compile: bool = False,
+    model: nn.Module, options: ExportOptions | None = None, **overrides: Any
 ) -> nn.Module:
-    """A copy of ``model`` in which every residual stage is a neural ODE solved by torchdiffeq.
+    """A copy of ``model`` in which every residual stage is a neural ODE.
 
     Each stage of ``L`` blocks becomes ``dx/dt = F(t, x)`` on ``[0, horizon]`` (horizon 1 for a
     plain stage), ``F`` the residual branch with weights ``θ(t)``: a path through the blocks'
     weights in the ODE parametrisation, block ``k`` at ``t_k = k * horizon / L``. Post-activation
-    blocks (torchvision's) use the projected field of THEORY.md. Euler on the original grid
-    reproduces the model (eval mode, running BatchNorm statistics). Everything outside the
+    blocks (torchvision's) use the projected field of ``docs/theory.md``. Euler on the original
+    grid reproduces the model (eval mode, running BatchNorm statistics). Everything outside the
     stages is kept as it is. The copy is in eval mode.
 
     Args:
-        model: a torchvision ResNet (plain or ODE form), an ``ode_resnet``, or any model whose
-            blocks are registered.
-        method: a torchdiffeq method: fixed-grid (``euler``, ``midpoint``, ``rk4``, ...) or
-            adaptive (``dopri5``, ...).
-        steps: fixed-grid steps per stage: ``None`` (each stage's depth), an int, a fraction of
-            each stage's depth (a float, rounded, at least 1), or ``{stage name: int}``.
-            Not allowed with adaptive methods.
-        interpolation: weight path between knots, ``"linear"`` or ``"constant"`` (per step).
-        gradient: ``"backprop"``, ``"checkpoint"`` (per-step ``torch.utils.checkpoint``: exact
-            gradients, one stored state per step) or ``"adjoint"`` (``odeint_adjoint``: memory
-            constant in steps; warns when the combination is known to give inexact gradients).
-        fold_bn: fold each branch's BatchNorm into the preceding conv
-            (``torch.nn.utils.fusion.fuse_conv_bn_eval``), so the field is convolutions only.
-        knots: store each stage's path at this many knots (``2 <= knots <= L``), fitted by least
-            squares (linear interpolation only). Compare ``sum(p.numel() for p in
-            exported.parameters())`` with the source's for the saving.
-        rtol: relative tolerance of adaptive methods.
-        atol: absolute tolerance of adaptive methods.
-        compile: run each field through ``torch.compile`` (the field, not the solver loop).
+        model: a torchvision ResNet (plain or ODE form), a timm ResNet, an ``ode_resnet``, or
+            any model whose blocks are registered.
+        options: the :class:`~resode_lightning.export.options.ExportOptions` (defaults: Euler
+            at each stage's depth, linear weight path, checkpointed gradients, BN folded).
+        overrides: option names and values replacing those of ``options``
+            (``export_neural_ode(model, method="rk4", steps=0.5)``).
 
     Returns:
         The exported model, with its configuration in ``exported.neural_ode_config``.
 
     Raises:
-        ValueError: no residual stage; an unknown method, gradient or interpolation; ``steps``
-            with an adaptive method or of the wrong type; ``knots`` out of range or with
-            constant interpolation.
+        ValueError: no residual stage; an invalid option (see ``ExportOptions``); ``steps``
+            naming an unknown stage; ``knots`` above a stage's depth.
 
     Example::
 
@@ -82,10 +57,11 @@ def export_neural_ode(
         >>> ode(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 1000])
     """
-    check_export_options(method, steps, interpolation, gradient, knots, rtol, atol)
+    options = (options or ExportOptions()).replace(**overrides)
+    method, knots = options.method, options.knots
     exported = copy.deepcopy(model).eval()
     stages = find_stages(exported)
-    per_stage = _resolve_steps(stages, method, steps)
+    per_stage = _resolve_steps(stages, method, options.steps)
     if knots is not None:
         for stage in stages:
             if knots > stage.depth:
@@ -93,76 +69,27 @@ def export_neural_ode(
                     f"knots={knots} exceeds the depth {stage.depth} of stage {stage.name!r}; "
                     f"choose 2 <= knots <= {min(s.depth for s in stages)} or knots=None"
                 )
-    if gradient == "adjoint":
-        _warn_inexact_adjoint(stages, method, interpolation)
+    if options.gradient == "adjoint":
+        _warn_inexact_adjoint(stages, method, options.interpolation)
     for stage in reversed(stages):
         if not stage.is_ode_form:
             convert_stage(stage, 1.0)
-        field = _field(stage, interpolation, fold_bn, knots)
+        field = _field(stage, options.interpolation, options.fold_bn, knots)
         module = NeuralODEStage(
             field,
             stage.horizon,
             method=method,
             steps=per_stage[stage.name],
-            gradient=gradient,
-            rtol=rtol,
-            atol=atol,
-            compile=compile,
+            gradient=options.gradient,
+            rtol=options.rtol,
+            atol=options.atol,
+            checkpoints=options.checkpoints,
+            compile=options.compile,
         )
         _replace(stage, module)
-    config = {
-        "source": source_spec(model),
-        "export": {
-            "method": method,
-            "steps": dict(steps) if isinstance(steps, Mapping) else steps,
-            "interpolation": interpolation,
-            "gradient": gradient,
-            "fold_bn": fold_bn,
-            "knots": knots,
-            "rtol": rtol,
-            "atol": atol,
-            "compile": compile,
-        },
-    }
+    config = {"source": source_spec(model), "export": options.to_config()}
     setattr(exported, CONFIG_ATTRIBUTE, config)
     return exported
-
-
-def check_export_options(
-    method: str,
-    steps: Steps,
-    interpolation: str,
-    gradient: str,
-    knots: int | None,
-    rtol: float,
-    atol: float,
-) -> None:
-    """Raise ``ValueError`` for export options that are invalid whatever the model."""
-    if method not in FIXED_METHODS + ADAPTIVE_METHODS:
-        raise ValueError(
-            f"method must be a fixed-grid method {FIXED_METHODS} or an adaptive one "
-            f"{ADAPTIVE_METHODS}, got {method!r}"
-        )
-    if method in ADAPTIVE_METHODS and steps is not None:
-        raise ValueError(
-            f"steps={steps!r} is for fixed-grid methods: {method} chooses its own steps from "
-            f"rtol and "
-            f"atol; pass steps=None, or a fixed-grid method such as 'rk4'"
-        )
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    if knots is not None:
-        if isinstance(knots, bool) or not isinstance(knots, int) or knots < 2:
-            raise ValueError(
-                f"knots must be an int >= 2 (or None for one knot per block), got {knots!r}"
-            )
-        if interpolation != "linear":
-            raise ValueError("knots=... fits a linear path: use interpolation='linear'")
-    for name, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
 
 
 def _resolve_steps(stages: list[Stage], method: str, steps: Steps) -> dict[str, int | None]:
@@ -175,20 +102,7 @@ def _resolve_steps(stages: list[Stage], method: str, steps: Steps) -> dict[str, 
         unknown = sorted(set(steps) - names)
         if unknown:
             raise ValueError(f"steps names unknown stage(s) {unknown}; stages are {sorted(names)}")
-        for name, count in steps.items():
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"steps[{name!r}] must be a positive int, got {count!r}")
         return {stage.name: steps.get(stage.name, stage.depth) for stage in stages}
-    if (
-        isinstance(steps, bool)
-        or not isinstance(steps, (int, float))
-        or not 0 < steps < float("inf")
-    ):
-        raise ValueError(
-            f"steps must be a positive int, a positive fraction of each stage's depth, or a dict "
-            f"by "
-            f"stage name, got {steps!r}"
-        )
     if isinstance(steps, int):
         return {stage.name: steps for stage in stages}
     return {stage.name: max(1, round(steps * stage.depth)) for stage in stages}
@@ -209,7 +123,8 @@ def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: str) 
     if reasons:
         warnings.warn(
             "gradient='adjoint' gives inexact gradients here: " + "; ".join(reasons) + ". "
-            "Use gradient='checkpoint' for exact gradients with one stored state per step.",
+            "For exact gradients use gradient='recursive' (memory bounded by `checkpoints` "
+            "states whatever the steps) or gradient='checkpoint' (one state per step).",
             UserWarning,
             stacklevel=3,
         )

@@ -23,6 +23,7 @@ from resode_lightning.core.io import CheckpointError, atomic_save
 from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import export_neural_ode, exported_config
+from resode_lightning.export.options import ExportOptions
 from resode_lightning.export.source import (
     BUILT_KINDS,
     build_source,
@@ -112,7 +113,7 @@ def load_neural_ode(
         base = copy.deepcopy(model)
     try:
         _set_form(base, source["horizons"])
-        exported = export_neural_ode(base, **config["export"])
+        exported = export_neural_ode(base, ExportOptions.from_config(config["export"]))
     except ValueError as error:
         raise CheckpointError(f"{path}: cannot export {source['class']} again: {error}") from None
     try:

@@ -102,20 +102,6 @@ class NeuralODEStage(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        if method not in FIXED_METHODS + ADAPTIVE_METHODS:
-            raise ValueError(
-                f"method must be one of {FIXED_METHODS + ADAPTIVE_METHODS}, got {method!r}"
-            )
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-        if (method in FIXED_METHODS) != (steps is not None):
-            raise ValueError(
-                f"steps must be given for fixed-grid methods and only for them (method={method!r})"
-            )
-        if gradient == "recursive" and method not in GRID_METHODS:
-            raise ValueError(
-                f"gradient='recursive' needs a method of {tuple(GRID_METHODS)}, got {method!r}"
-            )
         self.field = field
         self.register_buffer("horizon", torch.tensor(float(horizon), dtype=torch.float64))
         self.method = method
