@@ -18,7 +18,14 @@ from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
-from resode_lightning.export import export_neural_ode, load_neural_ode, save_neural_ode
+from resode_lightning.export import (
+    accuracy_vs_steps,
+    at_steps,
+    export_neural_ode,
+    load_neural_ode,
+    save_neural_ode,
+    set_steps,
+)
 from resode_lightning.lit import ImageClassifier
 
 __version__ = "0.1.0"
@@ -35,6 +42,8 @@ __all__ = [
     "ODEForm",
     "PreActBlock",
     "Stage",
+    "accuracy_vs_steps",
+    "at_steps",
     "export_neural_ode",
     "find_stages",
     "from_ode_form",
@@ -48,6 +57,7 @@ __all__ = [
     "registration_scope",
     "resample_depth",
     "save_neural_ode",
+    "set_steps",
     "plot_smoothness",
     "smoothness_metrics",
     "smoothness_report",

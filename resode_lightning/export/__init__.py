@@ -1,5 +1,6 @@
 """Neural ODE export: residual stages as vector fields with weights continuous in depth."""
 
+from resode_lightning.export.anytime import accuracy_vs_steps, at_steps, set_steps
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.field import VectorField, WeightPath
 from resode_lightning.export.io import load_neural_ode, save_neural_ode
@@ -9,7 +10,10 @@ __all__ = [
     "NeuralODEStage",
     "VectorField",
     "WeightPath",
+    "accuracy_vs_steps",
+    "at_steps",
     "export_neural_ode",
     "load_neural_ode",
     "save_neural_ode",
+    "set_steps",
 ]

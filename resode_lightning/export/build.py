@@ -85,6 +85,8 @@ def export_neural_ode(
             atol=options.atol,
             checkpoints=options.checkpoints,
             compile=options.compile,
+            source_depth=stage.depth,
+            stage_name=stage.name,
         )
         _replace(stage, module)
     config = {"source": source_spec(model), "export": options.to_config()}

@@ -82,6 +82,13 @@ class NeuralODEStage(nn.Module):
         rtol: relative tolerance of adaptive methods.
         atol: absolute tolerance of adaptive methods.
         compile: evaluate the field through ``torch.compile`` (the field only, not the solver).
+        source_depth: the number of blocks ``L`` of the source stage (``steps`` given as a
+            fraction are a fraction of it, see :func:`resode_lightning.export.anytime.set_steps`).
+        stage_name: the name of the source stage (:attr:`~resode_lightning.core.stages.Stage.name`).
+
+    ``method`` and ``steps`` may be changed between calls (see
+    :mod:`resode_lightning.export.anytime`): the weights bound for each fixed grid are kept, so
+    switching back and forth costs no re-binding.
 
     The input's dtype is kept. Under autocast a float16/bfloat16 state is integrated in float32
     while the field's layers run in the autocast dtype; outside autocast, adaptive methods refuse
@@ -100,6 +107,8 @@ class NeuralODEStage(nn.Module):
         atol: float,
         checkpoints: int | None = None,
         compile: bool = False,
+        source_depth: int | None = None,
+        stage_name: str | None = None,
     ) -> None:
         super().__init__()
         self.field = field
@@ -111,8 +120,10 @@ class NeuralODEStage(nn.Module):
         self.atol = atol
         self.checkpoints = checkpoints
         self.compile = compile
+        self.source_depth = source_depth
+        self.stage_name = stage_name
         object.__setattr__(self, "_compiled", None)
-        object.__setattr__(self, "_grid", None)
+        object.__setattr__(self, "_grids", {})
 
     @property
     def adaptive(self) -> bool:
@@ -209,10 +220,10 @@ class NeuralODEStage(nn.Module):
         return state.to(dtype)
 
     def _integrate_on_grid(self, x: Tensor, grad: bool) -> Tensor:
-        grid = self._grid
-        if grid is None or grid.steps != self.steps or grid.method != self.method:
+        grid = self._grids.get((self.method, self.steps))
+        if grid is None:
             grid = FieldOnGrid(self.field, self.method, self.steps)
-            object.__setattr__(self, "_grid", grid)
+            self._grids[(self.method, self.steps)] = grid
         grid.bind(self.horizon)
         if grad and self.gradient == "recursive":
             checkpoints = self.checkpoints or default_checkpoints(self.steps)
