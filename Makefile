@@ -17,12 +17,12 @@ demo: $(STAMP)
 	$(PY) -m resode_lightning.demo
 
 test: $(STAMP)
-	$(PY) -m ruff check resode_lightning tests benchmarks
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m ruff check resode_lightning tests benchmarks conftest.py
+	$(PY) -m pytest -n 2 -q  # tests/ and the docstring examples of resode_lightning/
 
 lint: $(STAMP)
-	$(PY) -m ruff check resode_lightning tests benchmarks
-	$(PY) -m ruff format --check resode_lightning tests benchmarks
+	$(PY) -m ruff check resode_lightning tests benchmarks conftest.py
+	$(PY) -m ruff format --check resode_lightning tests benchmarks conftest.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/conversion.py

@@ -321,8 +321,8 @@ def render_report(
         lines.append(f"| {init} | {values} |")
     lines += [
         "",
-        "All parameters of a block as one vector, in the ODE parametrisation (THEORY.md), as "
-        "logged by `SmoothnessMonitor` under `smoothness/<stage>/<metric>`.",
+        "All parameters of a block as one vector, in the ODE parametrisation "
+        "(`docs/theory.md`), as logged by `SmoothnessMonitor` under `smoothness/<stage>/<metric>`.",
         "",
         "![Lipschitz constant over training](lipschitz.png)",
         "",

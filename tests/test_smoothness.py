@@ -23,7 +23,7 @@ from resode_lightning.core.stages import find_stages
 
 
 def hand_metrics(blocks: list[torch.Tensor]) -> dict[str, float]:
-    """THEORY.md's table by a plain float64 loop over the blocks of one flattened parameter set."""
+    """docs/theory.md's metrics by a plain float64 loop over the blocks of one parameter set."""
     theta = [b.double().flatten() for b in blocks]
     depth = len(theta)
     norms = [float(t.norm()) for t in theta]

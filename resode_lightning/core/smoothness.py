@@ -1,6 +1,7 @@
 """Smoothness of weights across depth: pure metric functions on stacked block parameters.
 
-For blocks ``k = 1 … L`` with parameters ``θ_k`` (Frobenius norms, THEORY.md):
+For blocks ``k = 1 … L`` with parameters ``θ_k`` (Frobenius norms; ``docs/theory.md``,
+"Smoothness metrics"):
 
 ============================  ===============================================
 ``weight_norm``               ``max_k ||θ_k||``
@@ -178,8 +179,8 @@ def smoothness_report(
 
         >>> from torchvision.models import resnet18
         >>> rows = smoothness_report(resnet18())
-        >>> [row["stage"] for row in rows]
-        ['layer1', 'layer2', 'layer3', 'layer4']
+        >>> [(row["stage"], row["depth"]) for row in rows]  # layer2-4: 1 block after downsampling
+        [('layer1', 2)]
     """
     if as_frame:
         try:
@@ -212,9 +213,9 @@ def depth_consistency(stage: Stage, x: Tensor, steps: int | None = None) -> Tens
     """The depth-consistency error ``||y_L - y_{L/2}|| / ||y_L||`` of a stage on input ``x``.
 
     ``y_L`` runs the stage's own ``L`` blocks; ``y_{L/2}`` runs ``steps`` (default ``L // 2``)
-    Euler steps whose weights are the stage's weight path interpolated in depth (THEORY.md).
-    Blocks are evaluated in eval mode (normalisation with running statistics); the stage's
-    training flags are left as they were.
+    Euler steps whose weights are the stage's weight path interpolated in depth
+    (``docs/theory.md``, "Smoothness metrics"). Blocks are evaluated in eval mode
+    (normalisation with running statistics); the stage's training flags are left as they were.
 
     Returns:
         A 0-d float tensor on ``x``'s device.

@@ -48,8 +48,12 @@ class ImageFolderDataModule(ImageDataModule):
 
     Example::
 
+        >>> from pathlib import Path
+        >>> for name in ("cat", "dog"):  # photos/cat/*.jpg, photos/dog/*.jpg
+        ...     (Path("photos") / name).mkdir(parents=True)
         >>> data = ImageFolderDataModule("photos", image_size=224)
         >>> data.num_classes  # one per sub-folder
+        2
     """
 
     channels = 3

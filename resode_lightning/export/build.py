@@ -53,7 +53,7 @@ def export_neural_ode(
     Example::
 
         >>> from torchvision.models import resnet18
-        >>> ode = export_neural_ode(resnet18().eval(), method="rk4", gradient="adjoint")
+        >>> ode = export_neural_ode(resnet18().eval(), method="rk4", gradient="recursive")
         >>> ode(torch.randn(1, 3, 64, 64)).shape
         torch.Size([1, 1000])
     """

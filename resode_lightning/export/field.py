@@ -4,7 +4,8 @@ Block ``k`` of a stage in ODE form computes ``P(x + h F_k(x))``. The field evalu
 branch of a template block with the weights ``θ(t)`` of a :class:`WeightPath` through the
 per-block weights (knot ``k`` at ``t_k = k h``), so that an Euler step on the original grid is
 block ``k`` itself. For post-activation blocks (``P`` not the identity) the field is the
-projected field of THEORY.md: at resolution ``s`` (the solver's step)
+projected field (``docs/theory.md``, "Post-activation blocks and the projected field"):
+at resolution ``s`` (the solver's step)
 
     F̃_s(t, x) = (P(x + s F(t, x)) - x) / s,
 
@@ -196,7 +197,9 @@ class VectorField(nn.Module):
 
 
 def project(x: Tensor, field: Tensor, post: Callable[[Tensor], Tensor]) -> Tensor:
-    """THEORY.md's projected field for ``post = relu``: ``F`` where ``x > 0``, else ``relu(F)``.
+    """The projected field for ``post = relu``: ``F`` where ``x > 0``, else ``relu(F)``.
+
+    See ``docs/theory.md``, "Post-activation blocks and the projected field".
 
     Raises:
         ValueError: ``post`` is not relu (the limit of the projection is only known for relu).
