@@ -233,3 +233,12 @@ def test_cli_refuses_an_unknown_architecture(tmp_path, capsys):
     torch.save(nn.Linear(3, 3).state_dict(), tmp_path / "lin.pth")
     assert main(["smoothness", str(tmp_path / "lin.pth")]) == 2
     assert "cannot infer the architecture: no torchvision ResNet matches" in capsys.readouterr().err
+
+
+def test_a_tensor_that_is_zero_in_every_block_is_perfectly_smooth():
+    from resode_lightning.core.smoothness import metric_table
+
+    zeros = [torch.zeros(3) for _ in range(4)]
+    table, _ = metric_table({"bias": zeros, "weight": [torch.randn(3) for _ in range(4)]})
+    assert torch.isfinite(table).all()
+    assert (table[1] == 0).all()

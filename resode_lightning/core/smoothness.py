@@ -7,7 +7,7 @@ For blocks ``k = 1 … L`` with parameters ``θ_k`` (Frobenius norms; ``docs/the
 ``weight_norm``               ``max_k ||θ_k||``
 ``lipschitz``                 ``L · max_k ||θ_{k+1} - θ_k||``
 ``total_variation``           ``Σ_k ||θ_{k+1} - θ_k||``
-``relative_roughness``        ``mean_k ||θ_{k+1} - θ_k|| / (√2 · rms_k ||θ_k||)``
+``relative_roughness``        ``mean_k ||θ_{k+1} - θ_k|| / (√2 · rms_k ||θ_k||)`` (0 for zeros)
 ``curvature``                 ``L² · max_k ||θ_{k+1} - 2θ_k + θ_{k-1}||`` (NaN when L < 3)
 ============================  ===============================================
 
@@ -74,9 +74,14 @@ def metrics_from_profiles(norms2: Tensor, first2: Tensor, second2: Tensor) -> di
         "weight_norm": norms2.amax(-1).sqrt(),
         "lipschitz": depth * steps.amax(-1),
         "total_variation": steps.sum(-1),
-        "relative_roughness": steps.mean(-1) / (math.sqrt(2) * norms2.mean(-1).sqrt()),
+        "relative_roughness": _ratio(steps.mean(-1), math.sqrt(2) * norms2.mean(-1).sqrt()),
         "curvature": depth**2 * second2.amax(-1).sqrt() if depth >= 3 else nan,
     }
+
+
+def _ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator``, 0 where both are 0 (a tensor that is 0 in every block)."""
+    return torch.where(denominator > 0, numerator / denominator, torch.zeros_like(numerator))
 
 
 def smoothness_metrics(stacked: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
