@@ -1,10 +1,25 @@
-"""Safe checkpoint loading (weights only, never arbitrary pickles) and atomic file writes."""
+"""Safe checkpoint loading (weights only, sizes checked before anything is allocated) and
+atomic file writes.
+
+Every field of a checkpoint is treated as hostile. Before ``torch.load(..., weights_only=True)``
+reads a file, its zip directory is checked against the file size and its pickle is replayed on
+placeholders: only dense tensors and plain containers are accepted, nothing is called, and every
+tensor must fit in the bytes its storage declares, every storage in the record that holds it.
+"""
 
 from __future__ import annotations
 
+import _compat_pickle
+import math
+import mmap
 import os
 import pickle
-import tempfile
+import re
+import secrets
+import stat
+import struct
+import zipfile
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO
@@ -12,10 +27,20 @@ from typing import IO
 import torch
 from torch import Tensor, nn
 
-from resode_lightning.core.odeform import convert_stage, unconvert_stage
-from resode_lightning.core.stages import MARKER, find_stages
+from resode_lightning.core.odeform import check_step, convert_stage, unconvert_stage
+from resode_lightning.core.stages import MARKER, Stage, find_stages
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, so leftovers of killed writes stay
+    fcntl = None
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
+_LEGACY_STORAGE_HEADER = 8  # the element count written before each storage's bytes
+_UNREADABLE = "is not a readable PyTorch checkpoint (truncated or another format)"
 
 
 class CheckpointError(ValueError):
@@ -25,13 +50,17 @@ class CheckpointError(ValueError):
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict from a torchvision ``.pth``, Lightning ``.ckpt`` or ``.safetensors`` file.
 
-    Files are read with ``torch.load(..., weights_only=True)``: a file carrying any pickled
-    object other than tensors and plain containers is refused and nothing in it is executed.
+    Nothing in the file is executed and nothing is allocated before its declared sizes are
+    checked: a file whose pickle names anything but tensors and plain containers, whose
+    records are compressed or larger than the file, or whose tensors claim more elements than
+    their storage holds (zero-stride or expanded tensors) is refused. The memory taken is
+    bounded by the file's size.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        CheckpointError: the file is truncated, not a checkpoint, carries a pickle payload, or
-            holds no mapping of names to tensors.
+        CheckpointError: the file cannot be read, is truncated, not a checkpoint, carries a
+            pickle payload or declares sizes it does not hold, or holds no mapping of string
+            names to tensors. The message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -39,23 +68,30 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
     try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(len(_ZIP_MAGIC))
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read: {error.strerror}") from None
+    if size == 0:
+        raise CheckpointError(f"{path} is empty")
+    if head == _ZIP_MAGIC:
+        _check_zip_checkpoint(path, size)
+    else:
+        _check_legacy_checkpoint(path, size)
+    try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        globals_refused = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
-        if not globals_refused:
-            raise CheckpointError(
-                f"{path} is not a readable PyTorch checkpoint (truncated or another format)"
-            ) from None
-        raise CheckpointError(
-            f"{path} holds pickled Python objects beyond tensors and plain containers, so it was "
-            f"refused without executing anything ({globals_refused[0]}). Re-save only the "
-            f"weights, e.g. torch.save(model.state_dict(), path)."
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated or another format): {error}"
-        ) from None
+    except Exception as error:  # torch raises many types on damaged files
+        raise CheckpointError(f"{path} {_UNREADABLE}: {_reason(error)}") from None
     return _extract_state_dict(content, path)
+
+
+def _reason(error: BaseException) -> str:
+    """An error's text on one line, without torch's advice to load the file unsafely."""
+    unsafe = re.compile(r"weights.only|trust the source|arbitrary code|safe_globals", re.I)
+    lines = [line.strip() for line in str(error).splitlines()]
+    kept = [line for line in lines if line and not unsafe.search(line)]
+    return "; ".join(kept) or type(error).__name__
 
 
 def _load_safetensors(path: Path) -> dict[str, Tensor]:
@@ -68,7 +104,434 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error types
-        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file: {_reason(error)}"
+        ) from None
+
+
+def _check_zip_checkpoint(path: Path, size: int) -> None:
+    """Refuse a ``torch.save`` zip whose records or pickle declare more than the file holds."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = _stored_records(archive, path, size)
+            prefix = records[0].filename.split("/", 1)[0] + "/"
+            names = {record.filename: record for record in records}
+            if f"{prefix}constants.pkl" in names:
+                raise CheckpointError(
+                    f"{path} is a TorchScript archive (torch.jit.save), not a state dict; load it "
+                    f"with torch.jit.load if you trust it, or save model.state_dict() instead"
+                )
+            if f"{prefix}data.pkl" not in names:
+                raise CheckpointError(f"{path} {_UNREADABLE}: a zip archive without data.pkl")
+            data = archive.read(f"{prefix}data.pkl")
+    except CheckpointError:
+        raise
+    except Exception as error:  # zipfile raises many types on damaged archives
+        raise CheckpointError(f"{path} {_UNREADABLE}: {_reason(error)}") from None
+    scan = _PickleScan(path, legacy=False)
+    scan.replay(_Bytes(data))
+    for key, storage in scan.storages.items():
+        record = names.get(f"{prefix}data/{key}")
+        if record is None:
+            raise CheckpointError(f"{path} {_UNREADABLE}: tensor data record {key!r} is missing")
+        if record.file_size != storage.nbytes:
+            raise CheckpointError(
+                f"{path} declares {storage.nbytes:,} bytes for tensor data record {key!r}, "
+                f"which holds {record.file_size:,} bytes; the file is damaged or forged"
+            )
+
+
+def _stored_records(archive: zipfile.ZipFile, path: Path, size: int) -> list[zipfile.ZipInfo]:
+    """The archive's entries, refused unless stored uncompressed and inside the file."""
+    records = archive.infolist()
+    if not records or "/" not in records[0].filename:
+        raise CheckpointError(f"{path} {_UNREADABLE}: a zip archive but not a torch.save one")
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{path} holds a compressed record {record.filename!r} ({record.compress_size:,} "
+                f"bytes declared to expand to {record.file_size:,}); torch.save never compresses, "
+                f"so it was refused without expanding it"
+            )
+        if record.file_size != record.compress_size or record.flag_bits & 0x1:
+            raise CheckpointError(f"{path} {_UNREADABLE}: record {record.filename!r} is damaged")
+        if record.header_offset + record.file_size > size:
+            raise CheckpointError(
+                f"{path} declares a record {record.filename!r} of {record.file_size:,} bytes "
+                f"beyond the end of the {size:,}-byte file"
+            )
+    declared = sum(record.file_size for record in records)
+    if declared > size:
+        raise CheckpointError(
+            f"{path} declares {declared:,} bytes of records in a {size:,}-byte file; "
+            f"the file is damaged or forged"
+        )
+    return records
+
+
+def _check_legacy_checkpoint(path: Path, size: int) -> None:
+    """Refuse a legacy (pre-zip) ``torch.save`` file whose storages declare more than it holds."""
+    scan = _PickleScan(path, legacy=True)
+    with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        if scan.replay(view) != _LEGACY_MAGIC or scan.replay(view) != _LEGACY_PROTOCOL:
+            raise CheckpointError(f"{path} {_UNREADABLE}")
+        scan.replay(view)  # system information
+        scan.replay(view)  # the saved object
+        keys = scan.replay(view)
+        left = size - view.tell()
+    if not isinstance(keys, list):
+        raise CheckpointError(f"{path} {_UNREADABLE}: no list of storages")
+    needed = sum(_LEGACY_STORAGE_HEADER + storage.nbytes for storage in scan.storages.values())
+    if needed > left:
+        raise CheckpointError(
+            f"{path} declares {needed:,} bytes of tensor data but holds {left:,} after its "
+            f"pickle; it is truncated or forged, and was refused before allocating anything"
+        )
+
+
+class _Global:
+    """A name the pickle imports, never resolved to the object it names."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class _StorageType:
+    def __init__(self, itemsize: int) -> None:
+        self.itemsize = itemsize
+
+
+class _Storage:
+    def __init__(self, nbytes: int, itemsize: int) -> None:
+        self.nbytes, self.itemsize = nbytes, itemsize
+
+
+class _Tensor:
+    """A dense tensor the pickle builds; ``problem`` says why it is refused, if it is."""
+
+    def __init__(self, problem: str | None = None) -> None:
+        self.problem = problem
+
+
+_REBUILD_TENSOR = {
+    "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state",
+}
+_CALLABLE = _REBUILD_TENSOR | {
+    "torch._tensor._rebuild_from_type_v2",
+    "torch.nn.parameter.Parameter",
+    "torch.Tensor",
+    "torch.Size",
+    "torch.device",
+    "torch.serialization._get_layout",
+    "collections.OrderedDict",
+    "collections.Counter",
+    "builtins.set",
+    "builtins.complex",
+    "builtins.bytearray",
+    "_codecs.encode",
+}
+_DTYPES = {f"torch.{name}": v for name, v in vars(torch).items() if isinstance(v, torch.dtype)}
+_STORAGE_ITEMSIZE = {
+    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+    "Char": 1, "Byte": 1, "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8,
+}  # fmt: skip
+_STORAGE_TYPES = {
+    "torch.UntypedStorage": 1,
+    "torch.storage.UntypedStorage": 1,
+    **{f"{module}.{kind}Storage": itemsize
+       for kind, itemsize in _STORAGE_ITEMSIZE.items() for module in ("torch", "torch.cuda")},
+}  # fmt: skip
+_EMPTY = {pickle.EMPTY_TUPLE: tuple, pickle.EMPTY_LIST: list, pickle.EMPTY_DICT: dict,
+          pickle.EMPTY_SET: set}  # fmt: skip
+_CONSTANTS = {pickle.NONE: None, pickle.NEWTRUE: True, pickle.NEWFALSE: False}
+_NUMBERS = {pickle.BININT: "<i", pickle.BININT1: "<B", pickle.BININT2: "<H",
+            pickle.BINFLOAT: ">d"}  # fmt: skip
+_MEMO_INDEX = {pickle.BINGET: "<B", pickle.LONG_BINGET: "<I", pickle.BINPUT: "<B",
+               pickle.LONG_BINPUT: "<I"}  # fmt: skip
+_TUPLES = {pickle.TUPLE1: 1, pickle.TUPLE2: 2, pickle.TUPLE3: 3}
+
+
+class _Malformed(Exception):
+    """A pickle that torch's weights-only unpickler would not read either."""
+
+
+class _Bytes:
+    """``read``/``readline``/``tell`` over bytes; a read never asks for more than is left."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.position = data, 0
+
+    def read(self, count: int) -> bytes:
+        chunk = self.data[self.position : self.position + count]
+        self.position += len(chunk)
+        return chunk
+
+    def readline(self) -> bytes:
+        end = self.data.find(b"\n", self.position)
+        end = len(self.data) if end < 0 else end + 1
+        return self.read(end - self.position)
+
+
+class _PickleScan:
+    """Replays pickles of the opcode subset torch's weights-only unpickler reads, on placeholders.
+
+    Nothing is imported, called or allocated: globals stay names, storages are declared sizes
+    and tensors are checked against them. ``storages`` collects each storage the pickles
+    allocates (by key: later declarations of a key share the first) with its size in bytes.
+    """
+
+    def __init__(self, path: Path, *, legacy: bool) -> None:
+        self.path, self.legacy = path, legacy
+        self.storages: dict[str, _Storage] = {}
+        self.loaded: dict[object, _Storage] = {}
+        self.refused: list[_Tensor] = []
+
+    def replay(self, file: IO[bytes] | mmap.mmap | _Bytes) -> object:
+        """The value of the next pickle in ``file``, with placeholders for tensors and globals.
+
+        Raises:
+            CheckpointError: the pickle is malformed or holds what a state dict never holds.
+        """
+        try:
+            result = self._replay(file)
+        except CheckpointError:
+            raise
+        except Exception as error:  # any failure of a malformed pickle
+            raise CheckpointError(f"{self.path} {_UNREADABLE}: {_reason(error)}") from None
+        if self.refused:
+            raise CheckpointError(f"{self.path} {self.refused[0].problem}; refused")
+        return result
+
+    def _replay(self, file: IO[bytes] | mmap.mmap | _Bytes) -> object:
+        stack: list = []
+        marks: list[list] = []
+        memo: dict[int, object] = {}
+
+        def read(count: int) -> bytes:
+            data = file.read(count)
+            if len(data) != count:
+                raise _Malformed("truncated")
+            return data
+
+        while True:
+            op = read(1)
+            if op in _CONSTANTS:
+                stack.append(_CONSTANTS[op])
+            elif op in _EMPTY:
+                stack.append(_EMPTY[op]())
+            elif op in _NUMBERS:
+                (number,) = struct.unpack(_NUMBERS[op], read(struct.calcsize(_NUMBERS[op])))
+                stack.append(number)
+            elif op == pickle.LONG1:
+                stack.append(int.from_bytes(read(read(1)[0]), "little", signed=True))
+            elif op == pickle.BINUNICODE:
+                (length,) = struct.unpack("<I", read(4))
+                stack.append(str(read(length), "utf-8", "surrogatepass"))
+            elif op == pickle.SHORT_BINSTRING:
+                stack.append(read(read(1)[0]).decode("utf-8"))
+            elif op in _MEMO_INDEX:
+                (index,) = struct.unpack(_MEMO_INDEX[op], read(struct.calcsize(_MEMO_INDEX[op])))
+                if op in (pickle.BINGET, pickle.LONG_BINGET):
+                    if index not in memo:
+                        raise _Malformed(f"memo entry {index} read before it is written")
+                    stack.append(memo[index])
+                else:
+                    memo[index] = stack[-1]
+            elif op == pickle.MARK:
+                marks.append(stack)
+                stack = []
+            elif op == pickle.TUPLE:
+                items, stack = stack, marks.pop()
+                stack.append(tuple(items))
+            elif op in _TUPLES:
+                count = _TUPLES[op]
+                if len(stack) < count:
+                    raise _Malformed("stack underflow")
+                stack[-count:] = [tuple(stack[-count:])]
+            elif op in (pickle.APPEND, pickle.APPENDS):
+                if op == pickle.APPEND:
+                    items = [stack.pop()]
+                else:
+                    items, stack = stack, marks.pop()
+                if type(stack[-1]) is not list:
+                    raise _Malformed("append to a non-list")
+                stack[-1].extend(items)
+            elif op in (pickle.SETITEM, pickle.SETITEMS):
+                if op == pickle.SETITEM:
+                    value = stack.pop()
+                    items = [stack.pop(), value]
+                else:
+                    items, stack = stack, marks.pop()
+                self._set_items(stack[-1], items)
+            elif op == pickle.GLOBAL:
+                stack.append(self._global(file.readline(), file.readline()))
+            elif op == pickle.REDUCE:
+                arguments = stack.pop()
+                stack[-1] = self._call(stack[-1], arguments)
+            elif op == pickle.NEWOBJ:
+                arguments = stack.pop()
+                stack.append(self._new(stack.pop(), arguments))
+            elif op == pickle.BUILD:
+                stack.pop()
+                if type(stack[-1]) is not OrderedDict:  # torch sets tensors' storage here
+                    raise _Malformed(f"BUILD on {type(stack[-1]).__name__}")
+            elif op == pickle.BINPERSID:
+                stack.append(self._storage(stack.pop()))
+            elif op == pickle.PROTO:
+                if read(1)[0] > pickle.HIGHEST_PROTOCOL:
+                    raise _Malformed("an unknown pickle protocol")
+            elif op == pickle.STOP:
+                return stack.pop()
+            else:
+                raise _Malformed(f"unsupported opcode {op!r}")
+
+    def _global(self, module_line: bytes, name_line: bytes) -> object:
+        if not module_line.endswith(b"\n") or not name_line.endswith(b"\n"):
+            raise _Malformed("truncated GLOBAL")
+        module, name = module_line[:-1].decode("utf-8"), name_line[:-1].decode("utf-8")
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        full = f"{module}.{name}"
+        if full in _CALLABLE:
+            return _Global(full)
+        if full in _DTYPES:
+            return _DTYPES[full]
+        if full in _STORAGE_TYPES:
+            return _StorageType(_STORAGE_TYPES[full])
+        raise CheckpointError(
+            f"{self.path} holds pickled Python objects beyond dense tensors and plain "
+            f"containers, so it was refused without executing anything (GLOBAL {full}). "
+            f"Re-save only the weights, e.g. torch.save(model.state_dict(), path)."
+        )
+
+    def _set_items(self, target: object, items: list) -> None:
+        if type(target) not in (dict, OrderedDict, Counter) or len(items) % 2:
+            raise _Malformed("SETITEMS on a non-dict")
+        for key, value in zip(items[::2], items[1::2]):
+            if isinstance(value, _Tensor) and value.problem is not None:
+                raise CheckpointError(f"{self.path}: tensor {key!r} {value.problem}; refused")
+            target[key] = value
+
+    def _storage(self, pid: object) -> _Storage:
+        if type(pid) is not tuple or len(pid) != (6 if self.legacy else 5) or pid[0] != "storage":
+            raise _Malformed("a persistent id that is not a storage")
+        storage_type, key, _location, numel = pid[1:5]
+        if not isinstance(storage_type, _StorageType) or type(numel) is not int or numel < 0:
+            raise _Malformed("a storage of unknown type or size")
+        if not isinstance(key, str):
+            raise _Malformed("a storage key that is not a string")
+        itemsize = storage_type.itemsize
+        if key not in self.loaded:  # as torch.load, the first declaration of a key counts
+            self.loaded[key] = self.storages[key] = _Storage(numel * itemsize, itemsize)
+        storage = self.loaded[key]
+        if not self.legacy or pid[5] is None:
+            return storage
+        view_key, offset, count = pid[5]
+        if type(offset) is not int or type(count) is not int or offset < 0 or count < 0:
+            raise _Malformed("a storage view of unknown extent")
+        if view_key not in self.loaded:
+            end = min(storage.nbytes, (offset + count) * itemsize)
+            self.loaded[view_key] = _Storage(max(0, end - offset * itemsize), itemsize)
+        return self.loaded[view_key]
+
+    def _new(self, cls: object, arguments: object) -> object:
+        if not isinstance(cls, _Global) or cls.name not in (
+            "torch.nn.parameter.Parameter",
+            "collections.OrderedDict",
+            "collections.Counter",
+            "builtins.set",
+        ):
+            raise _Malformed("NEWOBJ of a class a state dict never holds")
+        if cls.name == "torch.nn.parameter.Parameter":
+            return self._call(cls, arguments)
+        return {"collections.OrderedDict": OrderedDict, "collections.Counter": Counter,
+                "builtins.set": set}[cls.name]()  # fmt: skip
+
+    def _call(self, function: object, arguments: object) -> object:
+        if not isinstance(function, _Global) or type(arguments) not in (tuple, list):
+            raise _Malformed("a call of something that is not an allowed function")
+        name, arguments = function.name, tuple(arguments)
+        if name in _REBUILD_TENSOR:
+            return self._rebuild(name, arguments)
+        if name == "torch._tensor._rebuild_from_type_v2":
+            rebuild, new_type, inner, _state = arguments
+            if not isinstance(new_type, _Global) or new_type.name not in (
+                "torch.Tensor",
+                "torch.nn.parameter.Parameter",
+            ):
+                raise _Malformed("a tensor subclass")
+            if not isinstance(rebuild, _Global) or rebuild.name not in _REBUILD_TENSOR:
+                raise _Malformed("a tensor rebuilt by an unknown function")
+            return self._call(rebuild, inner)
+        if name == "torch.nn.parameter.Parameter":
+            if arguments and not isinstance(arguments[0], _Tensor):
+                raise _Malformed("a parameter of something that is not a tensor")
+            return arguments[0] if arguments else _Tensor()
+        if name == "torch.Size":
+            (dims,) = arguments
+            return _shape(dims)
+        if name == "_codecs.encode":
+            text, encoding = arguments
+            if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+                raise _Malformed("an encoding other than the one pickle uses for bytes")
+            return text.encode("latin1")
+        if name == "builtins.bytearray":
+            if arguments and not isinstance(arguments[0], (bytes, str)):
+                raise _Malformed("a bytearray built from a size")
+            return bytearray(*arguments)
+        if name in ("torch.device", "torch.serialization._get_layout"):
+            return _Global(name)  # a value that cannot be called again
+        containers: dict[str, Callable] = {
+            "collections.OrderedDict": OrderedDict,
+            "collections.Counter": Counter,
+            "builtins.set": set,
+            "builtins.complex": complex,
+        }
+        if name not in containers:
+            raise _Malformed(f"a call of {name}")
+        return containers[name](*arguments)
+
+    def _rebuild(self, name: str, arguments: tuple) -> _Tensor:
+        if name in (
+            "torch._utils._rebuild_parameter",
+            "torch._utils._rebuild_parameter_with_state",
+        ):
+            if not arguments or not isinstance(arguments[0], _Tensor):
+                raise _Malformed("a parameter of something that is not a tensor")
+            return arguments[0]
+        storage, offset, size, stride = arguments[:4]
+        if not isinstance(storage, _Storage) or type(offset) is not int or offset < 0:
+            raise _Malformed("a tensor without a storage")
+        itemsize = storage.itemsize
+        if name == "torch._utils._rebuild_tensor_v3":
+            if not isinstance(arguments[6], torch.dtype):
+                raise _Malformed("a tensor of unknown dtype")
+            itemsize = arguments[6].itemsize
+        size, stride = _shape(size), _shape(stride)
+        if len(size) != len(stride):
+            raise _Malformed("a tensor whose size and stride differ in length")
+        numel = math.prod(size)
+        tensor = _Tensor()
+        if numel * itemsize > storage.nbytes:
+            tensor.problem = (
+                f"declares shape {tuple(size)} ({numel:,} elements, {numel * itemsize:,} bytes "
+                f"once copied) on a storage of {storage.nbytes:,} bytes: a zero-stride or "
+                f"expanded tensor"
+            )
+            self.refused.append(tensor)
+        return tensor
+
+
+def _shape(dims: object) -> tuple[int, ...]:
+    if type(dims) not in (tuple, list) or any(type(d) is not int or d < 0 for d in dims):
+        raise _Malformed("a size or stride that is not a list of non-negative ints")
+    return tuple(dims)
 
 
 def _extract_state_dict(content: object, path: Path) -> dict[str, Tensor]:
@@ -85,23 +548,42 @@ def _extract_state_dict(content: object, path: Path) -> dict[str, Tensor]:
     tensors = {key: value for key, value in content.items() if isinstance(value, Tensor)}
     if not tensors:
         raise CheckpointError(f"{path} holds a mapping with no tensors; it is not a state dict")
+    _check_keys(tensors, str(path))
     return tensors
 
 
+def _check_keys(state_dict: Mapping[object, object], source: str) -> None:
+    key = next((key for key in state_dict if not isinstance(key, str)), None)
+    if key is not None:
+        raise CheckpointError(
+            f"{source} has a key {key!r} of type {type(key).__name__}; the keys of a state dict "
+            f"are parameter names (strings)"
+        )
+
+
 def strip_prefix(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Drop the module prefix (``model.``, ``module.``, ...) that best matches ``model``'s keys."""
+    """Drop the module prefix (``model.``, ``module.``, ...) that best matches ``model``'s keys.
+
+    The prefix is the one under which most keys name a key of ``model`` (or a stage marker);
+    the shortest wins a tie. Time grows with the total length of the keys.
+
+    Raises:
+        CheckpointError: a key is not a string.
+    """
+    _check_keys(state_dict, "the state dict")
     expected = set(model.state_dict()) | {
         k for k in state_dict if k.rsplit(".", 1)[-1].startswith(MARKER)
     }
-    candidates = {""}
+    matches: Counter[str] = Counter()
     for key in state_dict:
-        parts = key.split(".")
-        candidates.update(".".join(parts[:i]) + "." for i in range(1, len(parts)))
-
-    def matches(prefix: str) -> int:
-        return sum(k.startswith(prefix) and k[len(prefix) :] in expected for k in state_dict)
-
-    best = max(sorted(candidates, key=len), key=matches)
+        start = 0
+        while True:  # every dotted prefix of the key, the empty one first
+            if key[start:] in expected:
+                matches[key[:start]] += 1
+            start = key.find(".", start) + 1
+            if not start:
+                break
+    best = min(matches, key=lambda prefix: (-matches[prefix], len(prefix), prefix), default="")
     if not best:
         return dict(state_dict)
     return {k[len(best) :]: v for k, v in state_dict.items() if k.startswith(best)}
@@ -115,8 +597,9 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     (Lightning) or ``module.`` (DDP) is stripped.
 
     Raises:
-        CheckpointError: the keys do not match the model; the message lists missing and
-            unexpected keys.
+        CheckpointError: the keys do not match the model (the message lists missing and
+            unexpected keys), or a marker is not a finite positive scalar horizon the stage
+            can use (the message names the marker's key).
     """
     state_dict = strip_prefix(state_dict, model)
     try:
@@ -124,15 +607,18 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     except ValueError:
         stages = []
     prefix_of = {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
-    for stage in stages:
-        key = prefix_of[id(stage.container)] + stage.marker
-        if key in state_dict:
-            horizon = float(state_dict[key])
-            if stage.is_ode_form and stage.horizon != horizon:
-                unconvert_stage(stage)
-            convert_stage(stage, horizon)
-        else:
+    keys = [prefix_of[id(stage.container)] + stage.marker for stage in stages]
+    horizons = [
+        _marker_horizon(key, state_dict[key], stage) if key in state_dict else None
+        for stage, key in zip(stages, keys)
+    ]
+    for stage, horizon in zip(stages, horizons):
+        if horizon is None:
             unconvert_stage(stage)
+            continue
+        if stage.is_ode_form and stage.horizon != horizon:
+            unconvert_stage(stage)
+        convert_stage(stage, horizon)
     expected = set(model.state_dict())
     missing = sorted(expected - set(state_dict))
     unexpected = sorted(set(state_dict) - expected)
@@ -145,8 +631,39 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {error}") from None
+        raise CheckpointError(
+            f"checkpoint does not fit {type(model).__name__}: {_reason(error)}"
+        ) from None
     return model
+
+
+def _marker_horizon(key: str, value: object, stage: Stage) -> float:
+    """The horizon a stage marker records, refused unless ``stage`` can run with it."""
+    if (
+        not isinstance(value, Tensor)
+        or value.dim() != 0
+        or value.is_complex()
+        or value.dtype == torch.bool
+    ):
+        found = (
+            f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+            if isinstance(value, Tensor)
+            else type(value).__name__
+        )
+        raise CheckpointError(
+            f"marker {key!r} must be a scalar holding the stage's ODE horizon (a finite "
+            f"positive number); found {found}"
+        )
+    horizon = float(value)
+    if not (math.isfinite(horizon) and horizon > 0):
+        raise CheckpointError(
+            f"marker {key!r} holds {horizon!r}; an ODE horizon is a finite positive number"
+        )
+    try:
+        check_step(horizon, stage)
+    except ValueError as error:
+        raise CheckpointError(f"marker {key!r}: {error}") from None
+    return horizon
 
 
 def _head(keys: list[str], count: int = 8) -> str:
@@ -154,32 +671,115 @@ def _head(keys: list[str], count: int = 8) -> str:
     return f"[{shown}{', ...' if len(keys) > count else ''}]"
 
 
+_TEMPORARY_SUFFIX = ".resode-partial"
+_FILE_KINDS = {
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFLNK: "a symbolic link that does not resolve",
+}
+
+
+def writable_target(path: str | os.PathLike) -> Path:
+    """The regular file that writing ``path`` creates or replaces, checked before any work.
+
+    A symbolic link is written through: the file it points to is replaced, the link is kept.
+
+    Raises:
+        FileNotFoundError: the directory does not exist.
+        IsADirectoryError: ``path`` is a directory.
+        PermissionError: the directory is not writable.
+        ValueError: ``path`` exists and is not a regular file (a device, a FIFO, a socket).
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    shown = repr(str(path)) + (f" (a link to {str(target)!r})" if target != path else "")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {shown}: directory {str(target.parent)!r} does not exist"
+        )
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise IsADirectoryError(f"cannot write {shown}: it is a directory")
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ValueError(
+            f"cannot write {shown}: it is {kind}, which would be replaced; give a file path"
+        )
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot write {shown}: directory {str(target.parent)!r} is not writable"
+        )
+    return target
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write a file through ``write(fileobj)`` so that it appears whole or not at all.
 
-    The content goes to a temporary file beside ``path`` that replaces ``path`` only once it
-    is complete; on any error the temporary file is removed and an existing ``path`` is left
-    untouched.
+    The content goes to a temporary file beside the target, ``.NAME.<random>.resode-partial``,
+    that replaces the target only once it is complete; on any error it is removed and an
+    existing file is left untouched. Such files left by a killed write are removed by the next
+    write to the same path (on POSIX systems, where a live writer's file is locked). Paths are
+    checked as by :func:`writable_target`; a symbolic link is written through.
+
+    Raises:
+        FileNotFoundError, IsADirectoryError, PermissionError, ValueError: see
+            :func:`writable_target`; PermissionError too when the directory refuses a new file.
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(
-            f"cannot write {str(path)!r}: directory {str(path.parent)!r} does not exist"
-        )
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    target = writable_target(path)
+    _remove_leftovers(target)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}{_TEMPORARY_SUFFIX}")
+    try:
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as error:
+        raise type(error)(
+            f"cannot write {str(path)!r}: creating a file in {str(target.parent)!r} failed "
+            f"({error.strerror})"
+        ) from error
     try:
         with os.fdopen(handle, "wb") as file:
+            if fcntl is not None:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             write(file)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, _mode_for(path))
-        os.replace(temporary, path)
+            os.chmod(temporary, _mode_for(target))
+            os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
-    return path
+    return Path(path)
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Delete the temporary files of killed writes to ``target``: those no writer has locked."""
+    if fcntl is None:
+        return
+    pattern = re.compile(
+        rf"\.{re.escape(target.name)}\.[0-9a-f]{{16}}{re.escape(_TEMPORARY_SUFFIX)}"
+    )
+    with os.scandir(target.parent) as entries:
+        leftovers = [
+            e.path
+            for e in entries
+            if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+        ]
+    for leftover in leftovers:
+        try:
+            handle = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(leftover)
+        except OSError:  # locked by a live writer, or already gone
+            pass
+        finally:
+            os.close(handle)
 
 
 def _mode_for(path: Path) -> int:

@@ -84,6 +84,24 @@ def _check_horizon(horizon: float) -> None:
         raise ValueError(f"horizon must be a positive finite number, got {horizon!r}")
 
 
+def check_step(horizon: float, stage: Stage) -> None:
+    """Raise ``ValueError`` unless ``stage`` can be put in ODE form with ``horizon``.
+
+    The step ``horizon / L`` and the rescale factor ``L / horizon`` must both be normal numbers
+    of the dtype of the stage's parameters; otherwise the rescaled weights or the step underflow.
+    """
+    reference = next((p for p in stage.blocks[0].parameters() if p.is_floating_point()), None)
+    dtype = torch.get_default_dtype() if reference is None else reference.dtype
+    smallest = torch.finfo(dtype).tiny
+    low, high = stage.depth * smallest, stage.depth / smallest
+    if not low <= horizon <= high:
+        raise ValueError(
+            f"horizon {horizon:g} cannot be represented in stage {stage.name!r} ({stage.depth} "
+            f"blocks, {dtype}): the step or the rescale factor underflows; use a horizon between "
+            f"{low:.3g} and {high:.3g}"
+        )
+
+
 def to_ode_form(model: nn.Module, *, horizon: float = 1.0, inplace: bool = False) -> nn.Module:
     """Rescale every residual stage of ``model`` to ODE form without changing its function.
 
@@ -108,7 +126,10 @@ def to_ode_form(model: nn.Module, *, horizon: float = 1.0, inplace: bool = False
     """
     _check_horizon(horizon)
     model = model if inplace else copy.deepcopy(model)
-    for stage in find_stages(model):
+    stages = find_stages(model)
+    for stage in stages:
+        check_step(horizon, stage)
+    for stage in stages:
         convert_stage(stage, horizon)
     return model
 
