@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import warnings
@@ -63,9 +64,10 @@ def test_arguments_are_validated():
 def test_csv_logger_gets_the_documented_keys_at_the_trainer_interval(tmp_path):
     model = NestedBackboneModule(tiny())
     monitor = SmoothnessMonitor(probe_every_n_epochs=1)
-    trainer(tmp_path, max_epochs=2, max_steps=-1, limit_val_batches=1, callbacks=[monitor]).fit(
-        model, loader(16, SIZE), loader(8, SIZE)
+    trainer_ = trainer(
+        tmp_path, max_epochs=2, max_steps=-1, limit_val_batches=1, callbacks=[monitor]
     )
+    trainer_.fit(model, loader(16, SIZE), loader(8, SIZE))
     rows = csv_rows(tmp_path)
     keys = set(rows[0])
     for stage in ("net.backbone.stages.0", "net.backbone.stages.1"):
@@ -81,11 +83,19 @@ def test_csv_logger_gets_the_documented_keys_at_the_trainer_interval(tmp_path):
     assert history["parameters"][0] == ALL and "conv1.weight" in history["parameters"]
     assert history["metrics"].shape == (4, len(history["parameters"]), len(METRICS))
     assert history["depth_profile"].shape == (4, 3)
-    # the logger shows step s - 1 for the values measured after optimizer step s
+    # the logger shows the optimizer step each value was measured at, as the history does
     lipschitz = history["metrics"][:, 0, METRICS.index("lipschitz")]
     assert logged == pytest.approx(
-        {s - 1: float(v) for s, v in zip([2, 4, 6, 8], lipschitz, strict=True)}
+        {s: float(v) for s, v in zip([2, 4, 6, 8], lipschitz, strict=True)}
     )
+    row = history["parameters"].index("conv2.weight")
+    key = "smoothness/net.backbone.stages.1/conv2.weight/total_variation"
+    logged = {int(r["step"]): float(r[key]) for r in rows if r[key]}
+    values = history["metrics"][:, row, METRICS.index("total_variation")].tolist()
+    assert logged == pytest.approx(dict(zip([2, 4, 6, 8], values, strict=True)))
+    # only the per-stage keys go through self.log, for other callbacks to monitor
+    assert "smoothness/net.backbone.stages.1/lipschitz" in trainer_.callback_metrics
+    assert not any("/conv2.weight/" in k for k in trainer_.callback_metrics)
     # the last value is the trained model's own, by an independent computation
     stage = find_stages(model)[1]
     expected = smoothness_metrics(stage_parameters(stage))[ALL]["lipschitz"]
@@ -161,7 +171,9 @@ def test_non_finite_weights_warn_once_and_training_goes_on(tmp_path):
     assert history["step"].tolist() == [1, 2, 3, 4]
     row = history["parameters"].index("conv1.weight")
     assert torch.isnan(history["metrics"][:, row, 0]).all()
-    assert math.isnan(float(csv_rows(tmp_path)[-1]["smoothness/net.backbone.stages.1/weight_norm"]))
+    key = "smoothness/net.backbone.stages.1/weight_norm"
+    logged = [r[key] for r in csv_rows(tmp_path) if r[key]]
+    assert len(logged) == 4 and all(math.isnan(float(value)) for value in logged)
 
 
 def test_a_module_without_stages_fails_at_setup(tmp_path):
@@ -189,6 +201,158 @@ def test_stage_cache_follows_a_resample(tmp_path):
     profile = monitor.history["net.backbone.stages.1"]["depth_profile"]
     assert profile.shape == (4, 5)
     assert torch.isnan(profile[0, 3:]).all() and not torch.isnan(profile[1:]).any()
+
+
+class _Predicting(NestedBackboneModule):
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def test_validate_and_predict_need_no_stage(tmp_path):
+    module = _Predicting(nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 10)))
+    run = trainer(tmp_path, callbacks=[SmoothnessMonitor()])
+    run.validate(module, loader(4, SIZE))
+    assert run.predict(module, loader(4, SIZE))
+
+
+def _replace_a_layer(backbone: nn.Module) -> None:
+    block = backbone.stages[1][1]
+    block.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    nn.init.normal_(block.conv1.weight, std=10.0)
+
+
+def _replace_the_container(backbone: nn.Module) -> None:
+    container = copy.deepcopy(backbone.stages[1])
+    with torch.no_grad():
+        container[2].conv2.weight.mul_(50.0)
+    backbone.stages[1] = container
+
+
+def _shrink_to_one_block(backbone: nn.Module) -> None:
+    del backbone.stages[1][1:]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_replace_a_layer, _replace_the_container, _shrink_to_one_block],
+    ids=lambda f: f.__name__,
+)
+def test_the_monitor_follows_structure_changes(tmp_path, change):
+    class Change(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                change(pl_module.net["backbone"])  # before the monitor measures step 2
+
+    backbone = tiny()
+    monitor = SmoothnessMonitor(every_n_steps=1, plot=False)
+    trainer(tmp_path, max_steps=4, callbacks=[Change(), monitor]).fit(
+        NestedBackboneModule(backbone, lr=0.0), loader(16, SIZE)
+    )
+    history = monitor.history["net.backbone.stages.1"]
+    stages = {stage.name: stage for stage in find_stages(backbone)}
+    if "stages.1" not in stages:  # a single block is no stage: its measurements stop
+        assert history["step"].tolist() == [1]
+        assert monitor.history["net.backbone.stages.0"]["step"].tolist() == [1, 2, 3, 4]
+        return
+    live = smoothness_metrics(stage_parameters(stages["stages.1"]))[ALL]
+    before, after = history["metrics"][0, 0], history["metrics"][-1, 0]
+    for column, metric in enumerate(METRICS):
+        assert float(after[column]) == pytest.approx(float(live[metric]), rel=1e-5)
+    assert float(after[1]) > 2 * float(before[1])  # lipschitz: the change is a large one
+
+
+def _state(**changes) -> dict:
+    record = {
+        "step": torch.tensor([1, 2]),
+        "parameters": [ALL, "w"],
+        "metrics": torch.zeros(2, 2, len(METRICS)),
+        "depth_profile": torch.zeros(2, 3),
+        "probe_step": torch.zeros(0, dtype=torch.int64),
+        "depth_consistency": torch.zeros(0),
+    }
+    state = {"version": 1, "last_step": 2, "history": {"layer1": record}}
+    for key, value in changes.items():
+        (record if key in record else state)[key] = value
+    return state
+
+
+def test_load_state_dict_checks_its_input():
+    monitor = SmoothnessMonitor()
+    monitor.load_state_dict(_state())
+    assert monitor.history["layer1"]["step"].tolist() == [1, 2]
+    assert monitor.state_dict()["last_step"] == 2
+    for state, message in [
+        ([], "holds 'version', 'last_step' and 'history', got <class 'list'>"),
+        ({"version": 1}, "got \\['version'\\]"),
+        (_state(version=2), "state version 2 is not 1"),
+        (_state(last_step="2"), "'last_step' is an int >= -1, got '2'"),
+        (_state(history=[1]), "a smoothness history is a dict of stages, got list"),
+        (_state(metrics=torch.zeros(2, 3, len(METRICS))), r"stage 'layer1': 'metrics' has shape"),
+        (_state(step=torch.tensor([2, 1])), "'step' is not strictly increasing"),
+        (_state(step=torch.tensor([1.0, 2.0])), "'step' is an integer 1-d tensor"),
+        (_state(parameters=["w", ALL]), "'parameters' starts with 'all'"),
+        (_state(depth_profile=torch.zeros(3, 3)), "'depth_profile' has 2 rows, got 3"),
+        (_state(probe_step=torch.tensor([2])), "one value per 'probe_step'"),
+    ]:
+        with pytest.raises(ValueError, match=f"^SmoothnessMonitor: .*{message}"):
+            SmoothnessMonitor().load_state_dict(state)
+    state = _state()
+    del state["history"]["layer1"]["probe_step"]
+    with pytest.raises(ValueError, match=r"entries missing: \['probe_step'\]"):
+        SmoothnessMonitor().load_state_dict(state)
+
+
+class _Logger(pl.loggers.Logger):
+    """A logger that takes no image; its subclasses take them as W&B's and MLflow's do."""
+
+    name = "fake"
+    version = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.figures: list = []
+
+    @property
+    def experiment(self):
+        return self
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+
+class _WandbLike(_Logger):
+    def log_image(self, **kwargs) -> None:
+        self.figures.append(kwargs)
+
+
+class _MLflowLike(_Logger):
+    run_id = "run"
+
+    def log_figure(self, *args) -> None:
+        self.figures.append(args)
+
+
+def test_the_figure_goes_to_loggers_that_take_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tensorboard = pl.loggers.TensorBoardLogger(tmp_path, name="", version=0)
+    others = [_WandbLike(), _MLflowLike(), _Logger()]
+    trainer(
+        tmp_path, max_steps=2, logger=[tensorboard, *others], callbacks=[SmoothnessMonitor()]
+    ).fit(NestedBackboneModule(tiny()), loader(16, SIZE))
+    assert (tmp_path / "version_0" / "smoothness.png").read_bytes()[:4] == b"\x89PNG"
+    events = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["smoothness"]
+    assert [image.step for image in events.Images("smoothness")] == [2]
+    (wandb,), (mlflow,) = others[0].figures, others[1].figures
+    assert wandb["key"] == "smoothness" and wandb["step"] == 2 and len(wandb["images"]) == 1
+    assert mlflow[0] == "run" and mlflow[2] == "smoothness.png"
+    assert others[2].figures == []
+    scalars = events.Tags()["scalars"]
+    assert "smoothness/net.backbone.stages.1/conv2.weight/lipschitz" in scalars
 
 
 lightning = pytest.importorskip("lightning.pytorch", reason="the unified lightning package")
@@ -220,7 +384,7 @@ class _RankHistory(SmoothnessMonitor):
     """Saves each rank's history, since ddp_spawn does not send callbacks back."""
 
     def __init__(self, directory: str) -> None:
-        super().__init__(every_n_steps=1, plot=False)
+        super().__init__(every_n_steps=1, probe_every_n_epochs=1, probe_samples=4, plot=False)
         self.directory = directory
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -237,16 +401,18 @@ def test_ddp_spawn_two_processes_identical_values_logged_once(tmp_path):
         devices=2,
         callbacks=[monitor],
         log_every_n_steps=1,
-    ).fit(NestedBackboneModule(tiny()), loader(16, SIZE))
+        limit_val_batches=1,
+    ).fit(NestedBackboneModule(tiny()), loader(16, SIZE), loader(16, SIZE, seed=1))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name in ranks[0]:
         assert ranks[0][name]["step"].tolist() == [1, 2, 3]
-        torch.testing.assert_close(
-            ranks[0][name]["metrics"], ranks[1][name]["metrics"], rtol=0, atol=0
-        )
+        # each rank validates its own shard, but the probe runs on rank 0's batch everywhere
+        assert ranks[0][name]["probe_step"].tolist() == [2]
+        for entry in ("metrics", "depth_consistency"):
+            torch.testing.assert_close(ranks[0][name][entry], ranks[1][name][entry], rtol=0, atol=0)
     key = "smoothness/net.backbone.stages.0/lipschitz"
     steps = [r["step"] for r in csv_rows(tmp_path) if r.get(key)]
-    assert steps == ["0", "1", "2"]
+    assert steps == ["1", "2", "3"]
 
 
 def test_monitor_pickles_after_setup():

@@ -2,7 +2,8 @@
 ==================
 
 Tracks, while a model trains, how smoothly the weights of each residual stage vary with
-depth (THEORY.md), and logs it through the Trainer's loggers.
+depth (``docs/theory.md``, "Smoothness metrics"), and logs it through the Trainer's
+loggers.
 """
 
 from __future__ import annotations
@@ -13,64 +14,47 @@ from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
+from resode_lightning.core.history import Measurement, SmoothnessHistory
 from resode_lightning.core.odeform import stage_tensors
-from resode_lightning.core.plots import plot_smoothness
-from resode_lightning.core.smoothness import (
-    ALL,
-    METRICS,
-    depth_consistency,
-    metric_table,
-)
+from resode_lightning.core.plots import save_figure, smoothness_figure
+from resode_lightning.core.smoothness import ALL, METRICS, depth_consistency, metric_table
 from resode_lightning.core.stages import Stage, find_stages
 
 PREFIX = "smoothness"
 PLOT_NAME = "smoothness.png"
 _FLUSH_EVERY = 1024
-
-
-class _StageCache:
-    """One stage's live parameter lists and ODE factors, and the layout it was built from."""
-
-    def __init__(self, stage: Stage) -> None:
-        self.stage = stage
-        self.tensors, self.scale = stage_tensors(stage)
-        self.names = [ALL, *self.tensors]
-        self.signature = _signature(stage)
-        self.keys = [
-            [f"{PREFIX}/{stage.name}/{metric}" for metric in METRICS],
-            *[
-                [f"{PREFIX}/{stage.name}/{name}/{metric}" for metric in METRICS]
-                for name in self.tensors
-            ],
-        ]
-
-
-def _signature(stage: Stage) -> tuple:
-    """What the cached tensor lists depend on, read without touching device memory."""
-    children = tuple(id(child) for child in stage.container.children())
-    return id(stage.container), children, id(stage.container._buffers.get(stage.marker))
+_WEIGHT_NORM = METRICS.index("weight_norm")
 
 
 class SmoothnessMonitor(Callback):
     r"""Log the smoothness in depth of every residual stage's weights while training.
 
     The stages of the LightningModule (torchvision ResNets under any attribute, ODE-form
-    models, :func:`~resode_lightning.ode_resnet`, registered block types) are found once and
-    measured every ``every_n_steps`` optimizer steps, on the parameters' device, in the ODE
-    parametrisation (so values are comparable between plain and ODE-form models and across
-    depths). Values go to ``pl_module.log`` as device tensors: the hook itself does not
-    synchronise with the GPU. Every rank computes the same values from its identical
-    parameters and no collective call is made, so DDP neither hangs nor logs twice (loggers
-    write on rank 0 only).
+    models, :func:`~resode_lightning.ode_resnet`, registered block types) are found when
+    fitting starts, and again whenever one of them changes (a block, a layer or a parameter
+    replaced, the container replaced or its children changed). They are measured every
+    ``every_n_steps`` optimizer steps, on the parameters' device, in the ODE parametrisation
+    (so values are comparable between plain and ODE-form models and across depths), without
+    synchronising with the GPU.
+
+    Measurements reach the loggers (rank 0 only) in batches, with the optimizer step they
+    were taken at and one host transfer per batch: at every step the Trainer logs
+    (``log_every_n_steps``), at epoch ends and at the end of fitting. The per-stage values are
+    also passed to ``pl_module.log`` (``logger=False``) as they are measured, so other
+    callbacks (``ModelCheckpoint``, ``EarlyStopping``) can monitor them. Every rank computes
+    the same values from its identical parameters; the probe batch is broadcast from rank 0,
+    the only collective call.
 
     The history of every measurement (metrics and depth profiles ``||θ_{k+1} - θ_k||``) is
     the callback's state: it is saved in Lightning checkpoints and a resumed run continues
     it. At the end of fitting, rank 0 draws it (:func:`~resode_lightning.plot_smoothness`)
-    into ``smoothness.png`` in the logger's directory (``default_root_dir`` without logger).
+    into ``smoothness.png`` in the logger's directory (``default_root_dir`` without logger),
+    and logs the figure to the loggers that take images (TensorBoard, Weights & Biases,
+    MLflow).
 
     Logged metrics (``STAGE`` is the stage name, e.g. ``layer3`` or ``model.net.layer3``;
     ``METRIC`` is one of ``weight_norm``, ``lipschitz``, ``total_variation``,
@@ -83,23 +67,22 @@ class SmoothnessMonitor(Callback):
 
     Args:
         every_n_steps: measure every this many optimizer steps; ``None`` (default) uses the
-            Trainer's ``log_every_n_steps``, so each measurement reaches the loggers.
+            Trainer's ``log_every_n_steps``.
         on_epoch_end: also measure at the end of every training epoch.
         per_parameter: log the per-parameter-name metrics too (the history always keeps them).
         probe_every_n_epochs: run the depth-consistency probe every this many epochs, at the
-            end of validation, on a fixed batch taken once from the validation loader
+            end of validation, on a fixed batch taken once from rank 0's validation loader
             (``None``: never). The probe calls ``pl_module(x)`` with the first tensor of the
             batch to reach the stages' inputs.
         probe_samples: number of samples of that batch the probe keeps.
         plot: draw the history into ``smoothness.png`` at the end of fitting.
 
     Raises:
-        ValueError: for an invalid argument, or (at setup) when the module holds no residual
-            stage.
+        ValueError: for an invalid argument, when fitting a module that holds no residual
+            stage, or when loading a checkpoint state that is not this callback's.
 
     Non-finite weights do not stop training: their metrics are logged as NaN/inf and one
-    warning names the stages and parameters concerned (checked when the history is moved to
-    host memory: at epoch ends, at checkpoints, and every 1024 measurements).
+    warning names the stages and parameters concerned.
 
     Example::
 
@@ -137,8 +120,7 @@ class SmoothnessMonitor(Callback):
         self._interval = every_n_steps or 0
         self._caches: list[_StageCache] | None = None
         self._last_step = -1
-        self._pending: list[tuple[int, list[tuple[str, list[str], Tensor, Tensor]]]] = []
-        self._history: dict[str, dict[str, Any]] = {}
+        self._history = SmoothnessHistory()
         self._probe_input: Tensor | None = None
         self._warned: set[tuple[str, str]] = set()
 
@@ -160,20 +142,17 @@ class SmoothnessMonitor(Callback):
     def history(self) -> dict[str, dict[str, Any]]:
         """Everything measured so far, per stage, on the CPU.
 
-        ``{stage: {"step": int64 (n,), "parameters": [ALL, names…], "metrics": float32
-        (n, len(parameters), len(METRICS)), "depth_profile": float32 (n, L-1),
-        "probe_step": int64 (m,), "depth_consistency": float32 (m,)}}``; a depth profile
-        shorter than the longest (the stage was resampled) is padded with NaN.
+        The format of :meth:`SmoothnessHistory.state_dict
+        <resode_lightning.core.history.SmoothnessHistory.state_dict>`.
         """
-        self._flush()
-        return self._history
-
-    # ----------------------------------------------------------------------------- hooks
+        return self._history.state_dict()
 
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
         try:
-            self._caches = [_StageCache(s) for s in find_stages(pl_module)]
+            self._caches = _find(pl_module)
         except ValueError as error:
             raise ValueError(f"SmoothnessMonitor: {error}") from None
         if self.every_n_steps is None:
@@ -184,12 +163,15 @@ class SmoothnessMonitor(Callback):
         step = trainer.global_step
         if self._interval and step != self._last_step and step % self._interval == 0:
             self._measure(pl_module, step, on_step=True)
+        every = trainer.log_every_n_steps
+        if (every and step % every == 0) or self._history.pending >= _FLUSH_EVERY:
+            self._flush(trainer)
 
     @override
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self.on_epoch_end and trainer.global_step != self._last_step:
             self._measure(pl_module, trainer.global_step, on_step=False)
-        self._flush()
+        self._flush(trainer)
 
     @override
     def on_validation_batch_start(
@@ -202,7 +184,9 @@ class SmoothnessMonitor(Callback):
                     "SmoothnessMonitor(probe_every_n_epochs=...) needs a validation batch holding "
                     f"a tensor of inputs, got {type(batch).__name__}"
                 )
-            self._probe_input = x[: self.probe_samples].detach().clone()
+            # once per run: every rank probes rank 0's batch
+            x = x[: self.probe_samples].detach().to("cpu", copy=True)
+            self._probe_input = trainer.strategy.broadcast(x, src=0)
 
     @override
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -214,126 +198,118 @@ class SmoothnessMonitor(Callback):
         values = self._probe(pl_module)
         for name, value in values.items():
             pl_module.log(f"{PREFIX}/{name}/depth_consistency", value, on_step=False, on_epoch=True)
-        for name, value in values.items():
-            record = self._history.setdefault(name, _empty_record())
-            keep = record["probe_step"] < trainer.global_step
-            record["probe_step"] = torch.cat(
-                [record["probe_step"][keep], torch.tensor([trainer.global_step])]
-            )
-            record["depth_consistency"] = torch.cat(
-                [record["depth_consistency"][keep], value.detach().float().cpu().reshape(1)]
-            )
+        self._history.add_probe(trainer.global_step, values)
 
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
-        self._flush()
-        if not (self.plot and trainer.is_global_zero and self._history):
+        self._flush(trainer)
+        if not (self.plot and trainer.is_global_zero and self._history.stages):
             return
-        if not any(len(record["step"]) for record in self._history.values()):
-            return
+        figure = smoothness_figure(self._history)
         directory = Path(_log_dir(trainer))
         directory.mkdir(parents=True, exist_ok=True)
-        plot_smoothness(self._history, directory / PLOT_NAME)
+        save_figure(figure, directory / PLOT_NAME)
+        for logger in trainer.loggers:
+            _log_figure(logger, figure, trainer.global_step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        self._flush()
-        return {"version": 1, "last_step": self._last_step, "history": self._history}
+        return {"version": 1, "last_step": self._last_step, "history": self._history.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = []
-        self._history = state_dict["history"]
-        self._last_step = state_dict["last_step"]
-
-    # -------------------------------------------------------------------------- internals
+        if not isinstance(state_dict, dict) or set(state_dict) != {
+            "version",
+            "last_step",
+            "history",
+        }:
+            found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
+            raise ValueError(
+                "SmoothnessMonitor: a checkpoint state holds 'version', 'last_step' and "
+                f"'history', got {found}"
+            )
+        if state_dict["version"] != 1:
+            raise ValueError(
+                f"SmoothnessMonitor: checkpoint state version {state_dict['version']!r} is not "
+                "1, the only one this version reads"
+            )
+        last_step = state_dict["last_step"]
+        if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < -1:
+            raise ValueError(
+                f"SmoothnessMonitor: checkpoint 'last_step' is an int >= -1, got {last_step!r}"
+            )
+        try:
+            history = SmoothnessHistory.from_state_dict(state_dict["history"])
+        except ValueError as error:
+            raise ValueError(f"SmoothnessMonitor: checkpoint state: {error}") from None
+        self._history, self._last_step = history, last_step
 
     def _stages(self, pl_module) -> list[_StageCache]:
         caches = self._caches
-        if caches is None or any(_signature(c.stage) != c.signature for c in caches):
-            caches = self._caches = [_StageCache(s) for s in find_stages(pl_module)]
+        if caches is None or not all(cache.is_current() for cache in caches):
+            try:
+                caches = _find(pl_module)
+            except ValueError:
+                rank_zero_warn("SmoothnessMonitor: the module has no residual stage left")
+                caches = []
+            self._caches = caches
         return caches
 
     def _measure(self, pl_module, step: int, *, on_step: bool) -> None:
         self._last_step = step
-        record = []
+        measurements = []
         with torch.no_grad():
             for cache in self._stages(pl_module):
                 table, profile = metric_table(cache.tensors, cache.scale)
-                record.append((cache.stage.name, cache.names, table, profile))
-                rows = len(cache.names) if self.per_parameter else 1
-                for row in range(rows):
-                    for column, key in enumerate(cache.keys[row]):
-                        pl_module.log(
-                            key, table[row, column], on_step=on_step, on_epoch=not on_step
+                measurements.append(Measurement(cache.stage.name, cache.names, table, profile))
+                for column, key in enumerate(cache.keys):
+                    pl_module.log(
+                        key, table[0, column], on_step=on_step, on_epoch=not on_step, logger=False
+                    )
+        self._history.append(step, measurements)
+
+    def _flush(self, trainer) -> None:
+        """Hand the measurements pending since the last flush to the loggers (one host sync)."""
+        drained = self._history.drain()
+        report = [
+            f"the parameters of stage {name!r} changed; its metric history starts again at "
+            f"step {step}"
+            for name, step in drained.restarted
+        ]
+        found: dict[str, list[str]] = {}
+        for step, measurements in drained.measurements:
+            for m in measurements:
+                bad = ~torch.isfinite(m.table[:, _WEIGHT_NORM])
+                for row in bad.nonzero().flatten().tolist():
+                    if row and (m.stage, m.parameters[row]) not in self._warned:
+                        self._warned.add((m.stage, m.parameters[row]))
+                        found.setdefault(m.stage, []).append(
+                            f"{m.parameters[row]} (from step {step})"
                         )
-        self._pending.append((step, record))
-        if len(self._pending) >= _FLUSH_EVERY:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Move pending device measurements to the CPU history (one host sync)."""
-        if not self._pending:
+        if found:
+            stages = "; ".join(f"stage {name!r}: {', '.join(p)}" for name, p in found.items())
+            report.append(f"non-finite weights in {stages}; their metrics are logged as NaN/inf")
+        for message in report:
+            rank_zero_warn(f"SmoothnessMonitor: {message}")
+        if not (trainer.is_global_zero and trainer.loggers and drained.measurements):
             return
-        pending, self._pending = self._pending, []
-        by_stage: dict[str, list[tuple[int, list[str], Tensor, Tensor]]] = {}
-        for step, record in pending:
-            for name, names, table, profile in record:
-                by_stage.setdefault(name, []).append((step, names, table, profile))
-        report = []
-        for name, entries in by_stage.items():
-            tables = torch.stack([table for _, _, table, _ in entries]).float().cpu()
-            width = max(len(profile) for *_, profile in entries)
-            profiles = torch.stack([_pad(profile, width) for *_, profile in entries]).float().cpu()
-            steps = torch.tensor([step for step, *_ in entries], dtype=torch.int64)
-            found = self._append(name, entries[-1][1], steps, tables, profiles)
-            if found:
-                report.append(f"stage {name!r}: {', '.join(found)}")
-        if report:
-            rank_zero_warn(
-                f"SmoothnessMonitor: non-finite weights in {'; '.join(report)}; "
-                f"their metrics are logged as NaN/inf"
-            )
+        for step, measurements in drained.measurements:
+            metrics = {key: value for m in measurements for key, value in self._scalars(m).items()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        for logger in trainer.loggers:
+            logger.save()
 
-    def _append(
-        self, name: str, names: list[str], steps: Tensor, tables: Tensor, profiles: Tensor
-    ) -> list[str]:
-        record = self._history.get(name)
-        if record is None or record["parameters"] != names:
-            if record is not None and len(record["step"]):
-                rank_zero_warn(
-                    f"SmoothnessMonitor: the parameters of stage {name!r} changed; its metric "
-                    f"history starts again at step {int(steps[0])}"
-                )
-            probes = record or _empty_record()
-            record = _empty_record()
-            record["probe_step"], record["depth_consistency"] = (
-                probes["probe_step"],
-                probes["depth_consistency"],
-            )
-            record["parameters"] = names
-            self._history[name] = record
-        keep = record["step"] < steps[0]
-        width = max(record["depth_profile"].shape[1], profiles.shape[1])
-        record["step"] = torch.cat([record["step"][keep], steps])
-        record["metrics"] = torch.cat(
-            [record["metrics"][keep].reshape(-1, *tables.shape[1:]), tables]
-        )
-        record["depth_profile"] = torch.cat(
-            [_pad(record["depth_profile"][keep], width), _pad(profiles, width)]
-        )
-        return self._non_finite(name, names, steps, tables)
-
-    def _non_finite(self, stage: str, names: list[str], steps: Tensor, tables: Tensor) -> list[str]:
-        """``"name (from step s)"`` for each parameter newly seen with non-finite values."""
-        bad = ~torch.isfinite(tables[..., METRICS.index("weight_norm")])
-        found = []
-        for row, name in enumerate(names):
-            if name == ALL or (stage, name) in self._warned or not bad[:, row].any():
-                continue
-            self._warned.add((stage, name))
-            found.append(f"{name} (from step {int(steps[bad[:, row]][0])})")
-        return found
+    def _scalars(self, measurement: Measurement) -> dict[str, float]:
+        rows = measurement.table.tolist()
+        if not self.per_parameter:
+            rows = rows[:1]
+        stage = f"{PREFIX}/{measurement.stage}"
+        return {
+            f"{stage}/{metric}" if name == ALL else f"{stage}/{name}/{metric}": value
+            for name, row in zip(measurement.parameters, rows, strict=False)
+            for metric, value in zip(METRICS, row, strict=True)
+        }
 
     def _probe(self, pl_module) -> dict[str, Tensor]:
         caches = self._stages(pl_module)
@@ -344,8 +320,7 @@ class SmoothnessMonitor(Callback):
         ]
         try:
             with torch.inference_mode(False), torch.no_grad():
-                x = self._probe_input.to(pl_module.device).clone()
-                pl_module(x)
+                pl_module(self._probe_input.to(pl_module.device))
                 return {
                     cache.stage.name: depth_consistency(
                         cache.stage, inputs[cache.stage.name].clone()
@@ -358,6 +333,56 @@ class SmoothnessMonitor(Callback):
                 handle.remove()
 
 
+class _StageCache:
+    """One stage's live parameter tensors and ODE factors, and the objects they were read from.
+
+    Holding those objects keeps them alive, so identity checks on them cannot be fooled by a
+    reused ``id()``.
+    """
+
+    def __init__(self, stage: Stage, path: list[tuple[nn.Module, str, nn.Module]]) -> None:
+        self.stage = stage
+        self.tensors, self.scale = stage_tensors(stage)
+        self.names = (ALL, *self.tensors)
+        self.keys = [f"{PREFIX}/{stage.name}/{metric}" for metric in METRICS]
+        self.path = path
+        self.children = list(stage.container._modules.values())
+        self.marker = stage.container._buffers.get(stage.marker)
+        self.parameters = [tuple(block.parameters()) for block in stage.blocks]
+
+    def is_current(self) -> bool:
+        """Whether the module still holds this stage as cached (no tensor is read)."""
+        container = self.stage.container
+        modules = container._modules.values()
+        return (
+            all(parent._modules.get(name) is child for parent, name, child in self.path)
+            and container._buffers.get(self.stage.marker) is self.marker
+            and len(modules) == len(self.children)
+            and all(a is b for a, b in zip(modules, self.children, strict=True))
+            and all(
+                _same(tuple(block.parameters()), held)
+                for block, held in zip(self.stage.blocks, self.parameters, strict=True)
+            )
+        )
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _find(pl_module: nn.Module) -> list[_StageCache]:
+    paths = {module: name for name, module in pl_module.named_modules()}
+    caches = []
+    for stage in find_stages(pl_module):
+        path, parent = [], pl_module
+        for name in paths[stage.container].split(".") if paths[stage.container] else []:
+            child = parent._modules[name]
+            path.append((parent, name, child))
+            parent = child
+        caches.append(_StageCache(stage, path))
+    return caches
+
+
 class _Capture:
     """Forward pre-hook storing a module's input under ``name`` (picklable, no closure)."""
 
@@ -367,6 +392,17 @@ class _Capture:
 
     def __call__(self, module, args: tuple) -> None:
         self.store.setdefault(self.name, args[0].detach())
+
+
+def _log_figure(logger: Any, figure: Any, step: int) -> None:
+    """Log ``figure`` to a logger that takes images: W&B, TensorBoard, MLflow (else nothing)."""
+    experiment = getattr(logger, "experiment", None)
+    if callable(getattr(logger, "log_image", None)):
+        logger.log_image(key=PREFIX, images=[figure], step=step)
+    elif callable(getattr(experiment, "add_figure", None)):
+        experiment.add_figure(PREFIX, figure, global_step=step, close=False)
+    elif callable(getattr(experiment, "log_figure", None)) and hasattr(logger, "run_id"):
+        experiment.log_figure(logger.run_id, figure, PLOT_NAME)
 
 
 def _check_positive(name: str, value: object, *, optional: bool = False) -> None:
@@ -385,24 +421,6 @@ def _first_tensor(batch: Any) -> Tensor | None:
     if isinstance(batch, dict) and batch:
         return _first_tensor(next(iter(batch.values())))
     return None
-
-
-def _pad(values: Tensor, width: int) -> Tensor:
-    missing = width - values.shape[-1]
-    if missing <= 0:
-        return values
-    return torch.nn.functional.pad(values, (0, missing), value=float("nan"))
-
-
-def _empty_record() -> dict[str, Any]:
-    return {
-        "step": torch.zeros(0, dtype=torch.int64),
-        "parameters": [],
-        "metrics": torch.zeros(0, 0, len(METRICS)),
-        "depth_profile": torch.zeros(0, 0),
-        "probe_step": torch.zeros(0, dtype=torch.int64),
-        "depth_consistency": torch.zeros(0),
-    }
 
 
 def _log_dir(trainer) -> str | os.PathLike:

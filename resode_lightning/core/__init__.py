@@ -2,3 +2,7 @@
 
 Nothing here imports Lightning.
 """
+
+from resode_lightning.core.history import Measurement, SmoothnessHistory
+
+__all__ = ["Measurement", "SmoothnessHistory"]

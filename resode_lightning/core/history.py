@@ -1,0 +1,295 @@
+"""A training run's smoothness measurements, per stage: metric tables, depth profiles, probes.
+
+Measurements are appended as device tensors and moved to host memory in batches, with one
+host transfer for everything pending; the host copy is a plain dict of tensors (the format of
+:attr:`SmoothnessMonitor.history <resode_lightning.SmoothnessMonitor.history>` and of its
+checkpoint state), read back with validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from resode_lightning.core.smoothness import ALL, METRICS
+
+FIELDS: tuple[str, ...] = (
+    "step",
+    "parameters",
+    "metrics",
+    "depth_profile",
+    "probe_step",
+    "depth_consistency",
+)
+"""The entries of one stage's record in :meth:`SmoothnessHistory.state_dict`."""
+
+
+class Measurement(NamedTuple):
+    """One stage measured once (:func:`~resode_lightning.core.smoothness.metric_table`).
+
+    Attributes:
+        stage: the stage's name.
+        parameters: ``(ALL, *names)``, the rows of ``table``.
+        table: metrics of shape ``(len(parameters), len(METRICS))``.
+        profile: ``||θ_{k+1} - θ_k||`` of all parameters as one vector, shape ``(L-1,)``.
+    """
+
+    stage: str
+    parameters: tuple[str, ...]
+    table: Tensor
+    profile: Tensor
+
+
+class Drained(NamedTuple):
+    """What :meth:`SmoothnessHistory.drain` hands over.
+
+    Attributes:
+        measurements: ``[(step, [Measurement, ...]), ...]`` in append order, on the CPU.
+        restarted: ``[(stage, step), ...]``: the parameter names of ``stage`` changed, so its
+            metric history starts again at ``step``.
+    """
+
+    measurements: list[tuple[int, list[Measurement]]]
+    restarted: list[tuple[str, int]]
+
+
+class SmoothnessHistory:
+    """Smoothness measurements over training steps, per stage, with depth-consistency probes.
+
+    Appending keeps the device tensors as they are (no host synchronisation); reading the
+    history, saving it or :meth:`drain` moves everything pending to host memory at once. An
+    append at step ``s`` replaces what the history holds at ``s`` and after, so a run resumed
+    from a checkpoint's history continues it.
+
+    Example::
+
+        >>> history = SmoothnessHistory()
+        >>> history.append(10, [Measurement("layer1", (ALL,), torch.ones(1, 5), torch.ones(2))])
+        >>> history.steps("layer1").tolist()
+        [10]
+    """
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, Any]] = {}
+        self._pending: list[tuple[int, list[Measurement]]] = []
+        self._drained = Drained([], [])
+
+    @property
+    def pending(self) -> int:
+        """Number of appended steps not yet moved to host memory."""
+        return len(self._pending)
+
+    @property
+    def stages(self) -> list[str]:
+        """Names of the stages measured at least once, in order of first appearance."""
+        self._to_host()
+        return [name for name, record in self._records.items() if len(record["step"])]
+
+    def append(self, step: int, measurements: Iterable[Measurement]) -> None:
+        """Record the measurements of one training step (kept on their device)."""
+        self._pending.append((step, list(measurements)))
+
+    def add_probe(self, step: int, values: Mapping[str, Tensor]) -> None:
+        """Record depth-consistency errors ``{stage: 0-d tensor}`` measured at ``step``."""
+        self._to_host()
+        for name, value in values.items():
+            record = self._records.setdefault(name, _empty_record())
+            keep = record["probe_step"] < step
+            record["probe_step"] = torch.cat([record["probe_step"][keep], torch.tensor([step])])
+            record["depth_consistency"] = torch.cat(
+                [record["depth_consistency"][keep], value.detach().float().cpu().reshape(1)]
+            )
+
+    def drain(self) -> Drained:
+        """The measurements appended (and the restarts met) since the last drain, on the CPU."""
+        self._to_host()
+        drained, self._drained = self._drained, Drained([], [])
+        return drained
+
+    def steps(self, stage: str) -> Tensor:
+        """Training steps of the stage's measurements, int64 ``(n,)``."""
+        return self._record(stage)["step"]
+
+    def parameters(self, stage: str) -> list[str]:
+        """Rows of the stage's metric tables: :data:`ALL`, then the block parameter names."""
+        return list(self._record(stage)["parameters"])
+
+    def metric(self, stage: str, metric: str, parameter: str = ALL) -> Tensor:
+        """One metric of one parameter name (default: all as one vector) over steps, ``(n,)``."""
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        record = self._record(stage)
+        if parameter not in record["parameters"]:
+            raise ValueError(f"stage {stage!r} has no parameter {parameter!r}")
+        row = record["parameters"].index(parameter)
+        return record["metrics"][:, row, METRICS.index(metric)]
+
+    def depth_profile(self, stage: str) -> Tensor:
+        """``||θ_{k+1} - θ_k||`` over steps, float32 ``(n, L-1)``, NaN-padded to the widest."""
+        return self._record(stage)["depth_profile"]
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """The history as plain data, on the CPU.
+
+        Returns:
+            ``{stage: {"step": int64 (n,), "parameters": [ALL, names…], "metrics": float32
+            (n, len(parameters), len(METRICS)), "depth_profile": float32 (n, L-1),
+            "probe_step": int64 (m,), "depth_consistency": float32 (m,)}}``; a depth profile
+            shorter than the longest (the stage was resampled) is padded with NaN.
+        """
+        self._to_host()
+        return {name: dict(record) for name, record in self._records.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Mapping[str, Any]]) -> SmoothnessHistory:
+        """A history holding ``state`` (the format of :meth:`state_dict`), checked.
+
+        Raises:
+            ValueError: ``state`` is not in that format; the message names the stage and entry.
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"a smoothness history is a dict of stages, got {type(state).__name__}"
+            )
+        history = cls()
+        for name, record in state.items():
+            if not isinstance(name, str):
+                raise ValueError(f"a smoothness history's stage names are str, got {name!r}")
+            try:
+                history._records[name] = _checked(record)
+            except ValueError as error:
+                raise ValueError(f"smoothness history, stage {name!r}: {error}") from None
+        return history
+
+    def _record(self, stage: str) -> dict[str, Any]:
+        self._to_host()
+        if stage not in self._records:
+            raise KeyError(f"no stage {stage!r} in the history; stages: {list(self._records)}")
+        return self._records[stage]
+
+    def _to_host(self) -> None:
+        """Move every pending measurement to host memory in one transfer and merge it."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        parts = [
+            t.reshape(-1).float() for _, ms in pending for m in ms for t in (m.table, m.profile)
+        ]
+        flat = torch.cat(parts).cpu() if parts else torch.zeros(0)
+        values = iter(flat.split([part.numel() for part in parts]))
+        moved = [
+            (
+                step,
+                [
+                    m._replace(table=next(values).view(m.table.shape), profile=next(values))
+                    for m in measurements
+                ],
+            )
+            for step, measurements in pending
+        ]
+        by_stage: dict[str, list[tuple[int, Measurement]]] = {}
+        for step, measurements in moved:
+            for m in measurements:
+                by_stage.setdefault(m.stage, []).append((step, m))
+        for name, entries in by_stage.items():
+            self._merge(name, entries)
+        self._drained.measurements.extend(moved)
+
+    def _merge(self, name: str, entries: list[tuple[int, Measurement]]) -> None:
+        steps = torch.tensor([step for step, _ in entries], dtype=torch.int64)
+        parameters = list(entries[-1][1].parameters)
+        record = self._records.get(name)
+        if record is None or record["parameters"] != parameters:
+            if record is not None and len(record["step"]):
+                self._drained.restarted.append((name, int(steps[0])))
+            fresh = _empty_record()
+            if record is not None:
+                fresh["probe_step"] = record["probe_step"]
+                fresh["depth_consistency"] = record["depth_consistency"]
+            fresh["parameters"] = parameters
+            record = self._records[name] = fresh
+        tables = torch.stack([m.table for _, m in entries])
+        width = max([record["depth_profile"].shape[1], *(len(m.profile) for _, m in entries)])
+        profiles = torch.stack([_pad(m.profile, width) for _, m in entries])
+        keep = record["step"] < steps[0]
+        record["step"] = torch.cat([record["step"][keep], steps])
+        record["metrics"] = torch.cat(
+            [record["metrics"][keep].reshape(-1, *tables.shape[1:]), tables]
+        )
+        record["depth_profile"] = torch.cat([_pad(record["depth_profile"][keep], width), profiles])
+
+
+def _pad(values: Tensor, width: int) -> Tensor:
+    missing = width - values.shape[-1]
+    if missing <= 0:
+        return values
+    return torch.nn.functional.pad(values, (0, missing), value=float("nan"))
+
+
+def _empty_record() -> dict[str, Any]:
+    return {
+        "step": torch.zeros(0, dtype=torch.int64),
+        "parameters": [],
+        "metrics": torch.zeros(0, 0, len(METRICS)),
+        "depth_profile": torch.zeros(0, 0),
+        "probe_step": torch.zeros(0, dtype=torch.int64),
+        "depth_consistency": torch.zeros(0),
+    }
+
+
+def _checked(record: object) -> dict[str, Any]:
+    """A stage's record, converted to int64/float32 CPU tensors; ``ValueError`` if malformed."""
+    if not isinstance(record, Mapping):
+        raise ValueError(f"the record is a dict, got {type(record).__name__}")
+    if set(record) != set(FIELDS):
+        missing, extra = set(FIELDS) - set(record), set(record) - set(FIELDS)
+        raise ValueError(
+            f"entries missing: {sorted(missing)}, unexpected: {sorted(extra, key=str)}"
+        )
+    parameters = record["parameters"]
+    if not isinstance(parameters, (list, tuple)) or not all(isinstance(p, str) for p in parameters):
+        raise ValueError(f"'parameters' is a list of str, got {parameters!r}")
+    step = _tensor(record, "step", integer=True, dims=1)
+    if (step[1:] <= step[:-1]).any():
+        raise ValueError("'step' is not strictly increasing")
+    if len(step) and (not parameters or parameters[0] != ALL):
+        raise ValueError(f"'parameters' starts with {ALL!r}, got {list(parameters)!r}")
+    expected = (len(step), len(parameters), len(METRICS))
+    metrics = _tensor(record, "metrics", integer=False, dims=3)
+    if tuple(metrics.shape) != expected:
+        raise ValueError(f"'metrics' has shape {expected}, got {tuple(metrics.shape)}")
+    profile = _tensor(record, "depth_profile", integer=False, dims=2)
+    if len(profile) != len(step):
+        raise ValueError(f"'depth_profile' has {len(step)} rows, got {len(profile)}")
+    probe_step = _tensor(record, "probe_step", integer=True, dims=1)
+    consistency = _tensor(record, "depth_consistency", integer=False, dims=1)
+    if len(consistency) != len(probe_step):
+        raise ValueError(
+            f"'depth_consistency' has one value per 'probe_step' ({len(probe_step)}), "
+            f"got {len(consistency)}"
+        )
+    return {
+        "step": step,
+        "parameters": list(parameters),
+        "metrics": metrics,
+        "depth_profile": profile,
+        "probe_step": probe_step,
+        "depth_consistency": consistency,
+    }
+
+
+def _tensor(record: Mapping[str, Any], key: str, *, integer: bool, dims: int) -> Tensor:
+    value = record[key]
+    if not isinstance(value, Tensor):
+        got = type(value).__name__
+    elif value.dim() != dims or value.dtype == torch.bool or value.is_complex():
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    elif value.is_floating_point() == integer:
+        got = f"a {value.dtype} tensor"
+    else:
+        return value.detach().cpu().to(torch.int64 if integer else torch.float32)
+    kind = "an integer" if integer else "a floating-point"
+    raise ValueError(f"{key!r} is {kind} {dims}-d tensor, got {got}")

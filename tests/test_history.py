@@ -1,0 +1,131 @@
+"""SmoothnessHistory: appending on device, one host transfer, merging, state, validation, plots."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from resode_lightning.core.history import Measurement, SmoothnessHistory
+from resode_lightning.core.plots import plot_smoothness, smoothness_figure
+from resode_lightning.core.smoothness import ALL, METRICS
+
+PARAMETERS = (ALL, "conv.weight")
+
+
+def measure(stage: str, value: float, depth: int = 4, parameters=PARAMETERS) -> Measurement:
+    table = torch.full((len(parameters), len(METRICS)), value)
+    return Measurement(stage, parameters, table, torch.full((depth - 1,), value))
+
+
+def test_appends_move_to_the_host_in_one_transfer(monkeypatch):
+    history = SmoothnessHistory()
+    for step in (1, 2, 3):
+        history.append(step, [measure("a", step), measure("b", 10 * step, depth=2)])
+    assert history.pending == 3
+    transfers = []
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: transfers.append(1) or cpu(self))
+    drained = history.drain()
+    assert len(transfers) == 1 and history.pending == 0
+    assert [step for step, _ in drained.measurements] == [1, 2, 3]
+    assert drained.measurements[1][1][1].table[0, 0] == 20 and drained.restarted == []
+    assert history.drain() == ([], [])  # each measurement is handed over once
+    assert history.stages == ["a", "b"]
+    assert history.steps("b").tolist() == [1, 2, 3]
+    assert history.metric("b", "lipschitz", "conv.weight").tolist() == [10, 20, 30]
+    assert history.depth_profile("a").shape == (3, 3)
+    assert history.parameters("a") == list(PARAMETERS)
+
+
+def test_an_earlier_step_replaces_what_follows_it():
+    history = SmoothnessHistory()
+    for step in (1, 2, 3, 4):
+        history.append(step, [measure("a", step)])
+    history.add_probe(2, {"a": torch.tensor(0.5)})
+    history.add_probe(4, {"a": torch.tensor(0.25)})
+    resumed = SmoothnessHistory.from_state_dict(history.state_dict())
+    resumed.append(3, [measure("a", 30)])
+    resumed.add_probe(3, {"a": torch.tensor(0.1)})
+    assert resumed.steps("a").tolist() == [1, 2, 3]
+    assert resumed.metric("a", "weight_norm").tolist() == [1, 2, 30]
+    record = resumed.state_dict()["a"]
+    assert record["probe_step"].tolist() == [2, 3]
+    assert record["depth_consistency"].tolist() == pytest.approx([0.5, 0.1])
+
+
+def test_new_parameter_names_restart_the_metrics_and_keep_the_probes():
+    history = SmoothnessHistory()
+    history.append(1, [measure("a", 1)])
+    history.add_probe(1, {"a": torch.tensor(0.5)})
+    history.append(2, [measure("a", 2, parameters=(ALL, "other.weight"))])
+    assert history.drain().restarted == [("a", 2)]
+    assert history.steps("a").tolist() == [2]
+    assert history.parameters("a") == [ALL, "other.weight"]
+    assert history.state_dict()["a"]["probe_step"].tolist() == [1]
+
+
+def test_a_resampled_stage_pads_its_depth_profiles_with_nan():
+    history = SmoothnessHistory()
+    history.append(1, [measure("a", 1, depth=3)])
+    history.drain()
+    history.append(2, [measure("a", 2, depth=5)])
+    profile = history.depth_profile("a")
+    assert profile.shape == (2, 4)
+    assert torch.isnan(profile[0, 2:]).all() and not torch.isnan(profile[1]).any()
+
+
+def test_readers_name_what_is_missing():
+    history = SmoothnessHistory()
+    history.append(1, [measure("a", 1)])
+    with pytest.raises(KeyError, match="no stage 'b'"):
+        history.steps("b")
+    with pytest.raises(ValueError, match="unknown metric 'slope'"):
+        history.metric("a", "slope")
+    with pytest.raises(ValueError, match="stage 'a' has no parameter 'bias'"):
+        history.metric("a", "lipschitz", "bias")
+
+
+def test_state_is_checked_and_converted():
+    history = SmoothnessHistory()
+    history.append(1, [measure("a", 1)])
+    state = history.state_dict()
+    state["a"]["metrics"] = state["a"]["metrics"].double()
+    loaded = SmoothnessHistory.from_state_dict(state)
+    assert loaded.state_dict()["a"]["metrics"].dtype == torch.float32
+    for bad, message in [
+        ({"a": {**state["a"], "parameters": "all"}}, "'parameters' is a list of str"),
+        ({"a": {**state["a"], "extra": 1}}, r"unexpected: \['extra'\]"),
+        ({"a": {**state["a"], "depth_profile": torch.zeros(1, 3, 1)}}, "floating-point 2-d"),
+        ({"a": {**state["a"], "step": [1]}}, "'step' is an integer 1-d tensor, got list"),
+        ({1: state["a"]}, "stage names are str"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SmoothnessHistory.from_state_dict(bad)
+
+
+def test_two_block_stages_and_single_steps_are_drawn(tmp_path):
+    history = SmoothnessHistory()
+    history.append(5, [measure("layer4", 1.0, depth=2), measure("layer3", 2.0, depth=6)])
+    figure = smoothness_figure(history)
+    heatmaps = [axes for axes in figure.axes if axes.get_title().endswith("step size in depth")]
+    for axes, rows in zip(heatmaps, (1, 5), strict=True):
+        (mesh,) = axes.collections
+        x, y = mesh.get_coordinates()[..., 0], mesh.get_coordinates()[..., 1]
+        assert mesh.get_array().shape == (rows, 1)
+        assert x.max() - x.min() == pytest.approx(1.0)
+        assert y.max() - y.min() == pytest.approx(rows)
+    path = plot_smoothness(history, tmp_path / "s.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plots_read_a_plain_state_dict_and_check_it(tmp_path):
+    history = SmoothnessHistory()
+    history.append(1, [measure("a", math.nan)])
+    history.append(2, [measure("a", 1.0)])
+    assert plot_smoothness(history.state_dict(), tmp_path / "s.png").is_file()
+    with pytest.raises(ValueError, match="stage 'a': 'metrics' has shape"):
+        plot_smoothness(
+            {"a": {**history.state_dict()["a"], "metrics": torch.zeros(2, 1, 5)}}, "x.png"
+        )
