@@ -31,7 +31,7 @@ def test_appends_move_to_the_host_in_one_transfer(monkeypatch):
     assert len(transfers) == 1 and history.pending == 0
     assert [step for step, _ in drained.measurements] == [1, 2, 3]
     assert drained.measurements[1][1][1].table[0, 0] == 20 and drained.restarted == []
-    assert history.drain() == ([], [])  # each measurement is handed over once
+    assert history.drain() == ([], [], [])  # each measurement is handed over once
     assert history.stages == ["a", "b"]
     assert history.steps("b").tolist() == [1, 2, 3]
     assert history.metric("b", "lipschitz", "conv.weight").tolist() == [10, 20, 30]
@@ -129,3 +129,22 @@ def test_plots_read_a_plain_state_dict_and_check_it(tmp_path):
         plot_smoothness(
             {"a": {**history.state_dict()["a"], "metrics": torch.zeros(2, 1, 5)}}, "x.png"
         )
+
+
+def test_non_finite_weights_are_reported_once_and_scalars_are_keyed_as_logged():
+    history = SmoothnessHistory()
+    for step in (1, 2):
+        history.append(
+            step, [measure("a", 1.0)._replace(table=torch.tensor([[1.0] * 5, [math.inf] * 5]))]
+        )
+    drained = history.drain()
+    assert drained.non_finite == [("a", "conv.weight", 1)]
+    history.append(3, [measure("a", math.nan)])
+    assert history.drain().non_finite == []
+    scalars = measure("a", 2.0).scalars("smoothness")
+    assert scalars["smoothness/a/lipschitz"] == 2.0
+    assert scalars["smoothness/a/conv.weight/curvature"] == 2.0
+    assert len(scalars) == 2 * len(METRICS)
+    assert list(measure("a", 2.0).scalars("s", per_parameter=False)) == [
+        f"s/a/{m}" for m in METRICS
+    ]

@@ -282,9 +282,9 @@ def test_load_state_dict_checks_its_input():
     assert monitor.history["layer1"]["step"].tolist() == [1, 2]
     assert monitor.state_dict()["last_step"] == 2
     for state, message in [
-        ([], "holds 'version', 'last_step' and 'history', got <class 'list'>"),
+        ([], "holds 'history', 'last_step' and 'version', got 'list'"),
         ({"version": 1}, "got \\['version'\\]"),
-        (_state(version=2), "state version 2 is not 1"),
+        (_state(version=2), "state version 2, not 1"),
         (_state(last_step="2"), "'last_step' is an int >= -1, got '2'"),
         (_state(history=[1]), "a smoothness history is a dict of stages, got list"),
         (_state(metrics=torch.zeros(2, 3, len(METRICS))), r"stage 'layer1': 'metrics' has shape"),

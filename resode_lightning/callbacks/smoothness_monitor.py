@@ -27,7 +27,6 @@ from resode_lightning.core.stages import Stage, find_stages
 PREFIX = "smoothness"
 PLOT_NAME = "smoothness.png"
 _FLUSH_EVERY = 1024
-_WEIGHT_NORM = METRICS.index("weight_norm")
 
 
 class SmoothnessMonitor(Callback):
@@ -122,7 +121,6 @@ class SmoothnessMonitor(Callback):
         self._last_step = -1
         self._history = SmoothnessHistory()
         self._probe_input: Tensor | None = None
-        self._warned: set[tuple[str, str]] = set()
 
     def __getstate__(self) -> dict[str, Any]:
         # the stage cache holds the model's tensors and adapters; it is rebuilt on demand
@@ -218,31 +216,24 @@ class SmoothnessMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or set(state_dict) != {
-            "version",
-            "last_step",
-            "history",
-        }:
-            found = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict)
+        keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        if keys != ["history", "last_step", "version"]:
             raise ValueError(
-                "SmoothnessMonitor: a checkpoint state holds 'version', 'last_step' and "
-                f"'history', got {found}"
+                "SmoothnessMonitor: a checkpoint state holds 'history', 'last_step' and "
+                f"'version', got {keys!r}"
             )
-        if state_dict["version"] != 1:
-            raise ValueError(
-                f"SmoothnessMonitor: checkpoint state version {state_dict['version']!r} is not "
-                "1, the only one this version reads"
-            )
-        last_step = state_dict["last_step"]
+        version, last_step = state_dict["version"], state_dict["last_step"]
+        if version != 1:
+            raise ValueError(f"SmoothnessMonitor: checkpoint state version {version!r}, not 1")
         if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < -1:
             raise ValueError(
                 f"SmoothnessMonitor: checkpoint 'last_step' is an int >= -1, got {last_step!r}"
             )
         try:
-            history = SmoothnessHistory.from_state_dict(state_dict["history"])
+            self._history = SmoothnessHistory.from_state_dict(state_dict["history"])
         except ValueError as error:
             raise ValueError(f"SmoothnessMonitor: checkpoint state: {error}") from None
-        self._history, self._last_step = history, last_step
+        self._last_step = last_step
 
     def _stages(self, pl_module) -> list[_StageCache]:
         caches = self._caches
@@ -266,7 +257,8 @@ class SmoothnessMonitor(Callback):
                     pl_module.log(
                         key, table[0, column], on_step=on_step, on_epoch=not on_step, logger=False
                     )
-        self._history.append(step, measurements)
+        if measurements:
+            self._history.append(step, measurements)
 
     def _flush(self, trainer) -> None:
         """Hand the measurements pending since the last flush to the loggers (one host sync)."""
@@ -277,15 +269,8 @@ class SmoothnessMonitor(Callback):
             for name, step in drained.restarted
         ]
         found: dict[str, list[str]] = {}
-        for step, measurements in drained.measurements:
-            for m in measurements:
-                bad = ~torch.isfinite(m.table[:, _WEIGHT_NORM])
-                for row in bad.nonzero().flatten().tolist():
-                    if row and (m.stage, m.parameters[row]) not in self._warned:
-                        self._warned.add((m.stage, m.parameters[row]))
-                        found.setdefault(m.stage, []).append(
-                            f"{m.parameters[row]} (from step {step})"
-                        )
+        for stage, name, step in drained.non_finite:
+            found.setdefault(stage, []).append(f"{name} (from step {step})")
         if found:
             stages = "; ".join(f"stage {name!r}: {', '.join(p)}" for name, p in found.items())
             report.append(f"non-finite weights in {stages}; their metrics are logged as NaN/inf")
@@ -294,22 +279,13 @@ class SmoothnessMonitor(Callback):
         if not (trainer.is_global_zero and trainer.loggers and drained.measurements):
             return
         for step, measurements in drained.measurements:
-            metrics = {key: value for m in measurements for key, value in self._scalars(m).items()}
+            metrics = {}
+            for m in measurements:
+                metrics.update(m.scalars(PREFIX, per_parameter=self.per_parameter))
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
         for logger in trainer.loggers:
             logger.save()
-
-    def _scalars(self, measurement: Measurement) -> dict[str, float]:
-        rows = measurement.table.tolist()
-        if not self.per_parameter:
-            rows = rows[:1]
-        stage = f"{PREFIX}/{measurement.stage}"
-        return {
-            f"{stage}/{metric}" if name == ALL else f"{stage}/{name}/{metric}": value
-            for name, row in zip(measurement.parameters, rows, strict=False)
-            for metric, value in zip(METRICS, row, strict=True)
-        }
 
     def _probe(self, pl_module) -> dict[str, Tensor]:
         caches = self._stages(pl_module)
@@ -320,7 +296,7 @@ class SmoothnessMonitor(Callback):
         ]
         try:
             with torch.inference_mode(False), torch.no_grad():
-                pl_module(self._probe_input.to(pl_module.device))
+                pl_module(self._probe_input.to(pl_module.device, copy=True))
                 return {
                     cache.stage.name: depth_consistency(
                         cache.stage, inputs[cache.stage.name].clone()

@@ -25,6 +25,7 @@ FIELDS: tuple[str, ...] = (
     "depth_consistency",
 )
 """The entries of one stage's record in :meth:`SmoothnessHistory.state_dict`."""
+_WEIGHT_NORM = METRICS.index("weight_norm")
 
 
 class Measurement(NamedTuple):
@@ -42,6 +43,20 @@ class Measurement(NamedTuple):
     table: Tensor
     profile: Tensor
 
+    def scalars(self, prefix: str, *, per_parameter: bool = True) -> dict[str, float]:
+        """The table as ``{key: value}`` (on the CPU), keyed as the monitor logs it.
+
+        Keys: ``PREFIX/STAGE/METRIC`` for :data:`ALL` parameters, then (with ``per_parameter``)
+        ``PREFIX/STAGE/PARAM/METRIC`` for each parameter name.
+        """
+        rows = self.table.tolist() if per_parameter else self.table[:1].tolist()
+        stage = f"{prefix}/{self.stage}"
+        return {
+            f"{stage}/{metric}" if name == ALL else f"{stage}/{name}/{metric}": value
+            for name, row in zip(self.parameters, rows, strict=False)
+            for metric, value in zip(METRICS, row, strict=True)
+        }
+
 
 class Drained(NamedTuple):
     """What :meth:`SmoothnessHistory.drain` hands over.
@@ -50,10 +65,13 @@ class Drained(NamedTuple):
         measurements: ``[(step, [Measurement, ...]), ...]`` in append order, on the CPU.
         restarted: ``[(stage, step), ...]``: the parameter names of ``stage`` changed, so its
             metric history starts again at ``step``.
+        non_finite: ``[(stage, parameter, step), ...]``: the weights of a block parameter name
+            were non-finite at ``step``, for the first time in this history.
     """
 
     measurements: list[tuple[int, list[Measurement]]]
     restarted: list[tuple[str, int]]
+    non_finite: list[tuple[str, str, int]]
 
 
 class SmoothnessHistory:
@@ -75,7 +93,8 @@ class SmoothnessHistory:
     def __init__(self) -> None:
         self._records: dict[str, dict[str, Any]] = {}
         self._pending: list[tuple[int, list[Measurement]]] = []
-        self._drained = Drained([], [])
+        self._non_finite: set[tuple[str, str]] = set()
+        self._drained = Drained([], [], [])
 
     @property
     def pending(self) -> int:
@@ -106,7 +125,7 @@ class SmoothnessHistory:
     def drain(self) -> Drained:
         """The measurements appended (and the restarts met) since the last drain, on the CPU."""
         self._to_host()
-        drained, self._drained = self._drained, Drained([], [])
+        drained, self._drained = self._drained, Drained([], [], [])
         return drained
 
     def steps(self, stage: str) -> Tensor:
@@ -194,6 +213,11 @@ class SmoothnessHistory:
         for step, measurements in moved:
             for m in measurements:
                 by_stage.setdefault(m.stage, []).append((step, m))
+                bad = ~torch.isfinite(m.table[1:, _WEIGHT_NORM])
+                for name in (m.parameters[row + 1] for row in bad.nonzero().flatten().tolist()):
+                    if (m.stage, name) not in self._non_finite:
+                        self._non_finite.add((m.stage, name))
+                        self._drained.non_finite.append((m.stage, name, step))
         for name, entries in by_stage.items():
             self._merge(name, entries)
         self._drained.measurements.extend(moved)
