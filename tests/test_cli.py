@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import runpy
+import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers.fake_data import write_cifar10, write_image_folder
 
-from resode_lightning.cli import SUBCOMMANDS, main
+from resode_lightning.cli import SUBCOMMANDS, convert, main
+from resode_lightning.cli._common import infer_arch
 from resode_lightning.cli.train import COMMANDS
 from resode_lightning.core.models import torchvision_resnet
+from resode_lightning.core.odeform import to_ode_form
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -163,3 +168,154 @@ def test_readme_shows_the_tested_snippets_verbatim():
     for snippet in SNIPPETS:
         code = snippet.read_text().split('"""', 2)[2].lstrip("\n")
         assert code in text, f"README.md lacks the code of {snippet.name}"
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    """A resnet18 state dict with 10 classes, its file and an ODE-form copy's file."""
+    directory = tmp_path_factory.mktemp("r18")
+    state = torchvision_resnet("resnet18", num_classes=10).state_dict()
+    torch.save(state, directory / "r18.pth")
+    torch.save(to_ode_form(torchvision_resnet("resnet18", num_classes=10)).state_dict(),
+               directory / "r18_ode.pth")  # fmt: skip
+    return state, directory / "r18.pth", directory / "r18_ode.pth"
+
+
+def _convert(weights, out, *extra):
+    return ["convert", "--arch", "resnet18", "--weights", str(weights), "--out", str(out), *extra]
+
+
+def _one_line_error(output, command, *parts):
+    lines = output.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"resode {command}: error: "), output.err
+    assert "Traceback" not in output.err and "weights_only" not in output.err
+    for part in parts:
+        assert str(part) in lines[0], (part, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("horizon", ["1e308", "1e-300", "nan", "inf", "0"])
+def test_convert_refuses_unrepresentable_horizons_up_front(horizon, tmp_path, capsys):
+    args = _convert(tmp_path / "never-read.pth", tmp_path / "out.pt", "--horizon", horizon)
+    status, output = _run(args, capsys)
+    assert status == 2
+    _one_line_error(output, "convert", "horizon")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_refuses_non_finite_weights_and_markers(r18, tmp_path, capsys):
+    state, _, ode_file = r18
+    poisoned = dict(state, **{"layer1.0.conv1.weight": state["layer1.0.conv1.weight"].clone()})
+    poisoned["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(poisoned, tmp_path / "nan.pth")
+    status, output = _run(_convert(tmp_path / "nan.pth", tmp_path / "out.pt"), capsys)
+    assert status == 2
+    _one_line_error(output, "convert", tmp_path / "nan.pth", "'layer1.0.conv1.weight'", "NaN")
+    ode = torch.load(ode_file, weights_only=True)
+    for value in ("nan", "inf", "1e308", "-1", "0"):
+        ode["layer1.ode_horizon"] = torch.tensor(float(value), dtype=torch.float64)
+        torch.save(ode, tmp_path / "marker.pth")
+        status, output = _run(_convert(tmp_path / "marker.pth", tmp_path / "out.pt"), capsys)
+        assert status == 2, value
+        _one_line_error(output, "convert", tmp_path / "marker.pth", "'layer1.ode_horizon'")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_convert_writes_nothing_when_its_own_check_fails(r18, tmp_path, capsys):
+    _, weights, _ = r18
+    (tmp_path / "out.pt").write_bytes(b"keep me")
+    args = _convert(weights, tmp_path / "out.pt", "--horizon", "3", "--tolerance", "0")
+    status, output = _run(args, capsys)
+    assert status == 2
+    _one_line_error(output, "convert", "above --tolerance 0", "nothing was written")
+    assert (tmp_path / "out.pt").read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+
+
+def test_convert_output_paths_are_checked_before_any_work(r18, tmp_path, capsys, monkeypatch):
+    _, weights, _ = r18
+
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the output path was checked")
+
+    monkeypatch.setattr(convert, "load_torchvision", never)
+    os.mkfifo(tmp_path / "fifo")
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        device = None
+    (tmp_path / "dir").mkdir()
+    cases = {tmp_path / "fifo": "FIFO", tmp_path / "dir": "is a directory",
+             tmp_path / "no" / "out.pt": "does not exist"}  # fmt: skip
+    if device is not None:
+        cases[device] = "character device"
+    for out, expected in cases.items():
+        status, output = _run(_convert(weights, out), capsys)
+        assert status == 2
+        _one_line_error(output, "convert", expected)
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+    assert device is None or stat.S_ISCHR(os.lstat(device).st_mode)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    status, output = _run(_convert(weights, tmp_path / "out.pt"), capsys)
+    assert status == 2
+    _one_line_error(output, "convert", "is not writable")
+
+
+def test_convert_writes_through_a_symlink(r18, tmp_path, capsys):
+    _, weights, _ = r18
+    (tmp_path / "real.pt").write_bytes(b"old")
+    (tmp_path / "link.pt").symlink_to("real.pt")
+    status, output = _run(_convert(weights, tmp_path / "link.pt"), capsys)
+    assert status == 0, output.err
+    assert (tmp_path / "link.pt").is_symlink()
+    assert "layer1.ode_horizon" in torch.load(tmp_path / "real.pt", weights_only=True)
+
+
+def _hostile_files(directory: Path) -> dict[str, Path]:
+    """Files that are not usable checkpoints, each of a different kind."""
+    contents = {
+        "text.pth": b"hello, this is a text file\n",
+        "gif.pth": b"GIF89a",
+        "random.pth": bytes(range(256)) * 8,
+    }
+    for name, content in contents.items():
+        (directory / name).write_bytes(content)
+    full = directory / "full.pth"
+    torch.save({"fc.weight": torch.zeros(3, 4)}, full)
+    (directory / "cut.pth").write_bytes(full.read_bytes()[:300])
+    torch.save({"fc.weight": torch.zeros(512).expand(500_000, 512)}, directory / "expanded.pth")
+    torch.save({7: torch.zeros(2)}, directory / "int-keys.pth")
+    torch.save({"fc.weight": torch.zeros(20, 512)}, directory / "classes.pth")
+    return {p.stem: p for p in directory.iterdir() if p.name != "full.pth"}
+
+
+@pytest.mark.parametrize("command", ["convert", "smoothness"])
+def test_bad_checkpoints_end_in_one_line_and_status_2(command, tmp_path, capsys):
+    for kind, path in _hostile_files(tmp_path).items():
+        args = (
+            _convert(path, tmp_path / "out.pt", "--max-classes", "10")
+            if command == "convert"
+            else ["smoothness", str(path), "--max-classes", "10"]
+        )
+        status, output = _run(args, capsys)
+        assert status == 2, (kind, output)
+        _one_line_error(output, command, path)
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_smoothness_on_many_long_keys_finishes_quickly(tmp_path, capsys):
+    """Inferring the architecture tries 10 of them: 4,000 keys of 40 parts did not finish in
+    170 s when every prefix of every key was matched against every key."""
+    keys = [".".join(f"p{part}x{key}" for part in range(40)) for key in range(4000)]
+    state = {key: torch.zeros(1) for key in keys}
+    with pytest.raises(ValueError, match="cannot infer"):
+        infer_arch({"fc.weight": torch.zeros(1)})  # builds the 10 skeletons once
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="cannot infer"):
+        infer_arch(state)
+    assert time.perf_counter() - started < 2
+    torch.save(state, tmp_path / "keys.pth")
+    status, output = _run(["smoothness", str(tmp_path / "keys.pth")], capsys)
+    assert status == 2
+    _one_line_error(output, "smoothness", "cannot infer the architecture")

@@ -1,15 +1,26 @@
 """Safe checkpoint loading, atomic writes and `resode convert`."""
 
+import fcntl
 import os
 import pickle
+import re
+import stat
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision.models as tvm
 
-from resode_lightning import CheckpointError, is_ode_form, load_into, load_state_dict_file
+from resode_lightning import (
+    CheckpointError,
+    is_ode_form,
+    load_into,
+    load_state_dict_file,
+    to_ode_form,
+)
 from resode_lightning.cli import main
-from resode_lightning.core.io import atomic_save, strip_prefix
+from resode_lightning.core.io import atomic_save, atomic_write, strip_prefix
 
 
 class Payload:
@@ -187,3 +198,110 @@ def test_convert_cli_rejects_unknown_architecture(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--arch", "resnet9000", "--weights", "x", "--out", "y"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [
+        torch.tensor(0.0, dtype=torch.float64),
+        torch.tensor(float("nan"), dtype=torch.float64),
+        torch.tensor(float("inf"), dtype=torch.float64),
+        torch.tensor(-1.0, dtype=torch.float64),
+        torch.tensor(1e308, dtype=torch.float64),
+        torch.tensor(1e-300, dtype=torch.float64),
+        torch.ones(3, dtype=torch.float64),
+        torch.ones(0, dtype=torch.float64),
+    ],
+    ids=["zero", "nan", "inf", "negative", "1e308", "1e-300", "vector", "empty"],
+)
+def test_bad_stage_markers_are_refused_naming_the_key(marker):
+    state = to_ode_form(tvm.resnet18(num_classes=4)).state_dict()
+    state["layer1.ode_horizon"] = marker
+    model = tvm.resnet18(num_classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match="marker 'layer1.ode_horizon'"):
+        load_into(model, state)
+    assert not is_ode_form(model)  # nothing converted before the refusal
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_strip_prefix_is_linear_in_the_keys():
+    """4,000 keys of 40 parts took 100-145 s with every prefix tried against every key."""
+    model = tvm.resnet18()
+    keys = [".".join(f"p{part}x{key}" for part in range(40)) for key in range(4000)]
+    state = {key: torch.zeros(1) for key in keys}
+    state.update({f"module.{k}": v for k, v in model.state_dict().items()})
+    started = time.perf_counter()
+    stripped = strip_prefix(state, model)
+    assert time.perf_counter() - started < 2
+    assert stripped.keys() == model.state_dict().keys()
+    # the shortest of equally good prefixes wins; no match keeps the keys as they are
+    assert strip_prefix({"a.b.fc.bias": 1, "c.fc.weight": 2}, torch.nn.Sequential()) == {
+        "a.b.fc.bias": 1,
+        "c.fc.weight": 2,
+    }
+
+
+def test_atomic_write_refuses_devices_and_fifos_and_writes_through_links(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="FIFO .* would be replaced"):
+        atomic_save({"a": torch.zeros(1)}, fifo)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    device = tmp_path / "null"  # like /dev/null, which the old code replaced when run as root
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        device = Path("/dev/null") if os.geteuid() else None  # safe to try only as a user
+    if device is not None:
+        with pytest.raises(ValueError, match="character device"):
+            atomic_save({"a": torch.zeros(1)}, device)
+        assert stat.S_ISCHR(os.lstat(device).st_mode)
+    (tmp_path / "real.pt").write_bytes(b"old")
+    (tmp_path / "link.pt").symlink_to("real.pt")
+    atomic_save({"a": torch.ones(1)}, tmp_path / "link.pt")
+    assert (tmp_path / "link.pt").is_symlink()
+    assert torch.load(tmp_path / "real.pt", weights_only=True)["a"].item() == 1.0
+    (tmp_path / "dangling.pt").symlink_to(tmp_path / "nowhere" / "x.pt")
+    with pytest.raises(FileNotFoundError, match="a link to .*nowhere.* does not exist"):
+        atomic_save({}, tmp_path / "dangling.pt")
+    assert {"dangling.pt", "fifo", "link.pt", "real.pt"} <= set(files(tmp_path))
+    assert not any(name.endswith(".resode-partial") for name in files(tmp_path))
+
+
+def test_killed_writes_leave_named_files_that_the_next_write_removes(tmp_path):
+    target = tmp_path / "model.pt"
+    seen = []
+
+    def write(file):
+        seen.extend(p for p in files(tmp_path) if p != "model.pt")
+        file.write(b"new")
+
+    atomic_write(target, write)
+    (temporary,) = seen
+    assert re.fullmatch(r"\.model\.pt\.[0-9a-f]{16}\.resode-partial", temporary)
+    stale = tmp_path / ".model.pt.0123456789abcdef.resode-partial"
+    live = tmp_path / ".model.pt.fedcba9876543210.resode-partial"
+    other = tmp_path / ".other.pt.0123456789abcdef.resode-partial"
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    with open(live, "rb") as writer:  # a write in progress holds its lock
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)
+        atomic_write(target, lambda file: file.write(b"newer"))
+    assert files(tmp_path) == [live.name, other.name, "model.pt"]
+    assert target.read_bytes() == b"newer"
+
+
+def test_unwritable_directories_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(PermissionError, match=r"directory .* is not writable"):
+        atomic_save({}, tmp_path / "out.pt")
+    monkeypatch.undo()
+
+    def immutable(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "open", immutable)
+    with pytest.raises(PermissionError, match=r"creating a file in .* failed \(Operation not"):
+        atomic_save({}, tmp_path / "out.pt")
+    assert files(tmp_path) == []

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from resode_lightning.cli._common import torchvision_from_state_dict
-from resode_lightning.core.io import load_state_dict_file, strip_prefix
-from resode_lightning.core.models import TORCHVISION_RESNETS, torchvision_resnet
+from resode_lightning.cli._common import add_max_classes, load_torchvision
+from resode_lightning.core.models import TORCHVISION_RESNETS
 from resode_lightning.core.smoothness import METRICS, smoothness_report
-from resode_lightning.core.stages import MARKER
 
 HELP = "print the per-stage weight smoothness of a ResNet checkpoint (.pth/.ckpt)"
 
@@ -25,46 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--per-parameter", action="store_true", help="one row per parameter name as well"
     )
+    add_max_classes(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    state_dict = load_state_dict_file(args.checkpoint)
-    arch = args.arch or infer_arch(state_dict)
-    model = torchvision_from_state_dict(state_dict, arch)
+    model, arch = load_torchvision(args.checkpoint, args.arch, max_classes=args.max_classes)
     rows = smoothness_report(model, per_parameter=args.per_parameter)
     print(f"{args.checkpoint}: {arch}, metrics in the ODE parametrisation")
     print(format_table(rows))
     return 0
-
-
-def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """The torchvision ResNet whose parameter names and shapes (head aside) match ``state_dict``.
-
-    Raises:
-        ValueError: no architecture, or more than one, matches.
-    """
-    matches = []
-    for arch in TORCHVISION_RESNETS:
-        with torch.device("meta"):
-            model = torchvision_resnet(arch)
-        expected = _body_shapes(model.state_dict())
-        if _body_shapes(strip_prefix(state_dict, model)) == expected:
-            matches.append(arch)
-    if len(matches) != 1:
-        found = "no torchvision ResNet" if not matches else f"several ({', '.join(matches)})"
-        raise ValueError(
-            f"cannot infer the architecture: {found} matches the checkpoint's keys and shapes; "
-            f"pass --arch (one of {', '.join(TORCHVISION_RESNETS)})"
-        )
-    return matches[0]
-
-
-def _body_shapes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {
-        key: tuple(value.shape)
-        for key, value in state_dict.items()
-        if not key.startswith("fc.") and not key.rsplit(".", 1)[-1].startswith(MARKER)
-    }
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

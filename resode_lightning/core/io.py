@@ -565,7 +565,8 @@ def strip_prefix(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str
     """Drop the module prefix (``model.``, ``module.``, ...) that best matches ``model``'s keys.
 
     The prefix is the one under which most keys name a key of ``model`` (or a stage marker);
-    the shortest wins a tie. Time grows with the total length of the keys.
+    the shortest wins a tie. Only a key's last parts are tried, as many as the longest name
+    has: time grows linearly with the number of keys.
 
     Raises:
         CheckpointError: a key is not a string.
@@ -574,15 +575,17 @@ def strip_prefix(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str
     expected = set(model.state_dict()) | {
         k for k in state_dict if k.rsplit(".", 1)[-1].startswith(MARKER)
     }
+    tails = {k.rsplit(".", 1)[-1] for k in expected}
+    depth = max((k.count(".") for k in expected), default=0) + 1  # most parts of a name
     matches: Counter[str] = Counter()
     for key in state_dict:
-        start = 0
-        while True:  # every dotted prefix of the key, the empty one first
-            if key[start:] in expected:
-                matches[key[:start]] += 1
-            start = key.find(".", start) + 1
-            if not start:
-                break
+        pieces = key.rsplit(".", depth)
+        if pieces[-1] not in tails:
+            continue
+        for start in range(len(pieces)):  # the key without 0, 1, ... leading parts
+            rest = ".".join(pieces[start:])
+            if rest in expected:
+                matches[key[: len(key) - len(rest)]] += 1
     best = min(matches, key=lambda prefix: (-matches[prefix], len(prefix), prefix), default="")
     if not best:
         return dict(state_dict)
