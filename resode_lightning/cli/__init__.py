@@ -30,13 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``resode`` with ``argv`` (default: the process arguments); returns the exit status."""
+    """Run ``resode`` with ``argv`` (default: the process arguments); returns the exit status.
+
+    A bad input file, value or output path ends with one line on stderr and status 2.
+    """
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments and arguments[0] in training.COMMANDS:
         return training.main(argv)
     args = build_parser().parse_args(arguments)
     try:
         return SUBCOMMANDS[args.command].run(args)
-    except (ValueError, FileNotFoundError, IsADirectoryError) as error:
-        print(f"resode {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # CheckpointError, missing or unwritable paths
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"resode {args.command}: error: {message}", file=sys.stderr)
         return 2
