@@ -3,7 +3,12 @@
 The names exported here are the public API; everything else is importable but not promised.
 """
 
-from resode_lightning.callbacks import NeuralODEExport, ODEForm, SmoothnessMonitor
+from resode_lightning.callbacks import (
+    DepthSampling,
+    NeuralODEExport,
+    ODEForm,
+    SmoothnessMonitor,
+)
 from resode_lightning.core.blocks import (
     BlockAdapter,
     BlockAdapterError,
@@ -35,6 +40,7 @@ __all__ = [
     "BlockAdapterError",
     "CIFAR10DataModule",
     "CheckpointError",
+    "DepthSampling",
     "DigitsDataModule",
     "ImageClassifier",
     "ImageFolderDataModule",

@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+import random
+
 import pytest
 import torch
+from helpers.boring import NestedBackboneModule, loader
+from pytorch_lightning import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.models.resnet import BasicBlock, ResNet
 
-from resode_lightning import export_neural_ode, load_neural_ode, ode_resnet, save_neural_ode
-from resode_lightning.core.models import randomize_norms
+from resode_lightning import (
+    DepthSampling,
+    export_neural_ode,
+    find_stages,
+    load_neural_ode,
+    ode_resnet,
+    save_neural_ode,
+    to_ode_form,
+)
+from resode_lightning.cli import main as resode
+from resode_lightning.core.coarse import coarse_grid, coarse_steps
+from resode_lightning.core.io import CheckpointError
+from resode_lightning.core.models import PreActBlock, randomize_norms
 from resode_lightning.export.anytime import (
     accuracy_vs_steps,
     at_steps,
@@ -15,6 +33,8 @@ from resode_lightning.export.anytime import (
     set_steps,
     steps_of,
 )
+from resode_lightning.export.distill import distill_depth, distillation_loss
+from resode_lightning.export.solve import NeuralODEStage
 
 
 def _net(depths=(8, 4), widths=(4, 8), init="iid", seed=0):
@@ -125,3 +145,252 @@ def test_accuracy_vs_steps_scores_every_setting_and_restores_the_model():
     assert steps_of(ode) == {"stages.0": ("euler", 8)}
     with pytest.raises(ValueError, match="warmup"):
         accuracy_vs_steps(ode, loader, [1.0], warmup=3)
+
+
+# ----------------------------------------------------------------------------- depth sampling
+
+
+def test_coarse_grid_puts_each_step_on_one_block():
+    assert coarse_grid(16, 16) == [0.0] * 16
+    assert coarse_grid(16, 4) == [0.0, None, None, None] * 4
+    offsets = coarse_grid(16, 5)
+    assert [k for k, w in enumerate(offsets) if w is not None] == [0, 3, 6, 9, 12]
+    assert [offsets[k] for k in (0, 3, 6, 9, 12)] == [0.0, 0.2, 0.4, 0.6, 0.8]
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="between 1"):
+            coarse_grid(16, bad)
+
+
+@pytest.mark.parametrize("steps", [8, 5, 3, 1])
+def test_coarse_steps_compute_the_exports_euler_steps(steps):
+    net = _net(depths=(8,), widths=(4,))
+    x = torch.randn(2, 3, 16, 16)
+    stage = find_stages(net)[0]
+    children = list(stage.container.children())
+    with torch.no_grad():
+        with coarse_steps(stage, steps):
+            coarse = net(x)
+        expected = export_neural_ode(net, steps=steps, fold_bn=False)(x)
+        torch.testing.assert_close(coarse, expected, rtol=1e-5, atol=1e-5)
+    assert list(stage.container.children()) == children
+    assert all(block.step == 1 / 8 for block in children)
+
+
+def test_coarse_steps_on_a_post_activation_torchvision_stage():
+    torch.manual_seed(0)
+    net = randomize_norms(ResNet(BasicBlock, [4, 1, 1, 1], num_classes=10))
+    net = to_ode_form(net).eval()
+    stage = find_stages(net)[0]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(x)
+        for steps in (2, 3):
+            with coarse_steps(stage, steps):
+                coarse = net(x)
+            expected = export_neural_ode(net, steps={"layer1": steps}, fold_bn=False)(x)
+            torch.testing.assert_close(coarse, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+    plain = find_stages(ResNet(BasicBlock, [4, 1, 1, 1]))[0]
+    with pytest.raises(ValueError, match="not in ODE form"), coarse_steps(plain, 2):
+        pass
+
+
+def test_coarse_steps_train_blended_weights_with_full_depth_statistics():
+    net = _net(depths=(8,), widths=(4,)).train()
+    twin = copy.deepcopy(net)
+    stage = find_stages(net)[0]
+    blocks = stage.blocks
+    buffers = [b.bn1.running_mean for b in blocks]
+    x = torch.randn(4, 3, 16, 16)
+    with coarse_steps(stage, 3):  # steps start on blocks 0, 2 (+2/3) and 5 (+1/3)
+        out = net(x)
+    out.square().mean().backward()
+    grads = [b.conv1.weight.grad for b in blocks]
+    assert [g is not None for g in grads] == [True, False, True, True, False, True, True, False]
+    # the running statistics move as in a full-depth batch, and stay the same tensors
+    twin(x)
+    for block, original, reference in zip(blocks, buffers, find_stages(twin)[0].blocks):
+        assert block.bn1.running_mean is original and block.bn1.training
+        torch.testing.assert_close(block.bn1.running_mean, reference.bn1.running_mean)
+    # the fewer steps normalise with that full-depth batch's statistics
+    statistics = {}
+
+    def record(norm, args, output):
+        statistics[norm] = (args[0].mean((0, 2, 3)), args[0].var((0, 2, 3), unbiased=False))
+
+    hooks = [b.bn1.register_forward_hook(record) for b in find_stages(twin)[0].blocks]
+    twin(x)
+    for hook in hooks:
+        hook.remove()
+    for norm, (mean, var) in statistics.items():  # the stem's norm keeps batch statistics
+        norm.running_mean, norm.running_var = mean, var
+        norm.eval()
+    with torch.no_grad(), coarse_steps(find_stages(twin)[0], 3):
+        torch.testing.assert_close(out.detach(), twin(x))
+
+
+class _CountBlocks(Callback):
+    """Records, per training batch, how many stage blocks ran with gradient and whether the BN
+    running statistics moved."""
+
+    def __init__(self):
+        self.calls, self.moved = [], []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.blocks = list(pl_module.net["backbone"].stages[0])
+        for block in self.blocks:
+            block.register_forward_pre_hook(self._count)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.calls.append(0)
+        self.stats = self.blocks[0].bn1.running_mean.clone()
+
+    def _count(self, module, args):
+        self.calls[-1] += torch.is_grad_enabled()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.moved.append(not torch.equal(self.blocks[0].bn1.running_mean, self.stats))
+
+
+def _fit(callbacks, steps=6):
+    module = NestedBackboneModule(ode_resnet(depths=(8,), widths=(4,), init="tied", seed=0))
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    trainer.fit(module, loader(count=4 * steps, size=16))
+    return module
+
+
+def test_depth_sampling_runs_each_batch_at_its_drawn_count_and_keeps_bn_as_designed():
+    sampling = DepthSampling(steps=(1.0, 0.5, 0.25), seed=3)
+    counter = _CountBlocks()
+    module = _fit([sampling, counter], steps=12)
+    draws = [[8, 4, 2][random.Random(f"3:0:{i}").choices(range(3))[0]] for i in range(12)]
+    assert counter.calls == draws and set(draws) == {8, 4, 2}
+    assert all(counter.moved)  # fewer-step batches measure full-depth statistics too
+    stage = find_stages(module)[0]
+    assert all(isinstance(b, PreActBlock) and b.step == 1 / 8 for b in stage.blocks)
+    pickle.loads(pickle.dumps(sampling))
+
+
+def test_depth_sampling_validates_its_arguments_and_the_model():
+    for bad in ((), (0.0,), (1.5,), (0,), (True,), ("1",)):
+        with pytest.raises(ValueError, match="steps"):
+            DepthSampling(steps=bad)
+    with pytest.raises(ValueError, match="weights"):
+        DepthSampling(steps=(1.0, 0.5), weights=(1.0,))
+    with pytest.raises(ValueError, match="weights"):
+        DepthSampling(steps=(1.0, 0.5), weights=(0, 0))
+    with pytest.raises(ValueError, match="exceed the depth"):
+        _fit([DepthSampling(steps=(16,))], steps=1)
+    plain = NestedBackboneModule(ResNet(BasicBlock, [3, 1, 1, 1]))
+    trainer = Trainer(
+        max_steps=1, logger=False, enable_progress_bar=False, callbacks=[DepthSampling()]
+    )
+    with pytest.raises(ValueError, match="not in ODE form"):
+        trainer.fit(plain, loader(count=4, size=16))
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+class _Interrupted:
+    """A loader that raises ``KeyboardInterrupt`` at its ``stop``-th batch (counted over epochs)."""
+
+    def __init__(self, loader, stop):
+        self.loader, self.stop, self.seen = loader, stop, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.seen += 1
+            if self.seen == self.stop:
+                raise KeyboardInterrupt
+            yield batch
+
+
+def _kl_to_source(source, student, data, steps):
+    with torch.no_grad(), at_steps(student, steps):
+        return sum(
+            distillation_loss(student(x), source(x), y, temperature=1.0, label_weight=0.0)
+            for x, y in data
+        )
+
+
+def test_distill_depth_fits_the_source_at_fewer_steps_and_leaves_it_alone():
+    source = _net(depths=(8,), widths=(4,))
+    with torch.no_grad():
+        source.fc.weight.mul_(30)  # confident logits, as a trained net's
+    state = copy.deepcopy(source.state_dict())
+    data = loader(count=16, size=16, batch_size=8)
+    before = _kl_to_source(source, export_neural_ode(source), data, 2)
+    student = distill_depth(
+        source, data, steps=(0.25,), epochs=4, lr=0.01, label_weight=0.0, progress=False
+    )
+    assert _kl_to_source(source, student, data, 2) < 0.5 * before
+    assert steps_of(student) == {"stages.0": ("euler", 8)} and not student.training
+    assert all(torch.equal(v, state[k]) for k, v in source.state_dict().items())
+    knotted = distill_depth(source, data, knots=4, epochs=1, progress=False)
+    assert next(m for m in knotted.modules() if isinstance(m, NeuralODEStage)).field.path.count == 4
+
+
+def test_distill_depth_resumes_from_its_checkpoint(tmp_path):
+    source = _net(depths=(4,), widths=(4,))
+    data = loader(count=16, size=16, batch_size=4)
+    straight = distill_depth(source, data, epochs=2, progress=False)
+    path = tmp_path / "distill.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        distill_depth(source, _Interrupted(data, 6), epochs=2, checkpoint=path, progress=False)
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    resumed = distill_depth(source, data, epochs=2, checkpoint=path, progress=False)
+    for key, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="other settings"):
+        distill_depth(source, data, epochs=2, lr=0.1, checkpoint=path, progress=False)
+    for bad in ({"epochs": 0}, {"steps": ()}, {"lr": 0.0}, {"label_weight": 2.0}):
+        with pytest.raises(ValueError):
+            distill_depth(source, data, progress=False, **bad)
+
+
+def test_cli_distill_writes_a_loadable_export_and_resumes(tmp_path, capsys):
+    weights = tmp_path / "net.pth"
+    torch.save(ode_resnet(depths=(4,), widths=(4,), in_channels=1, seed=0).state_dict(), weights)
+    out = tmp_path / "ode.pt"
+    argv = [
+        "distill",
+        "--arch",
+        "ode_resnet",
+        "--arch-kwargs",
+        '{"depths": [4], "widths": [4]}',
+        "--weights",
+        str(weights),
+        "--data",
+        "digits",
+        "--image-size",
+        "8",
+        "--epochs",
+        "1",
+        "--steps",
+        "1.0",
+        "0.5",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert resode(argv) == 0
+    loaded = load_neural_ode(out)
+    assert steps_of(loaded) == {"stages.0": ("euler", 4)}
+    assert (tmp_path / "ode.pt.distill").is_file()
+    assert "0.5" in capsys.readouterr().out
+    assert resode(argv) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert resode([*argv[:2], "resnet7", *argv[3:]]) == 2

@@ -1,7 +1,8 @@
 """Thin Lightning adapters over the core: each callback holds no math of its own."""
 
+from resode_lightning.callbacks.depth_sampling import DepthSampling
 from resode_lightning.callbacks.neural_ode_export import NeuralODEExport
 from resode_lightning.callbacks.ode_form import ODEForm
 from resode_lightning.callbacks.smoothness_monitor import SmoothnessMonitor
 
-__all__ = ["NeuralODEExport", "ODEForm", "SmoothnessMonitor"]
+__all__ = ["DepthSampling", "NeuralODEExport", "ODEForm", "SmoothnessMonitor"]

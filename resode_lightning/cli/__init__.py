@@ -9,10 +9,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from resode_lightning.cli import bench, convert, export, smoothness
+from resode_lightning.cli import bench, convert, distill, export, smoothness
 from resode_lightning.cli import train as training
 
-SUBCOMMANDS = {"convert": convert, "smoothness": smoothness, "export": export, "bench": bench}
+SUBCOMMANDS = {
+    "convert": convert,
+    "smoothness": smoothness,
+    "export": export,
+    "distill": distill,
+    "bench": bench,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,154 @@
+"""Distil a trained ResNet into a neural ODE that runs at any step count (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from resode_lightning.core.io import load_into, load_state_dict_file, strip_prefix
+from resode_lightning.data.base import ImageDataModule
+from resode_lightning.export.anytime import accuracy_vs_steps
+from resode_lightning.export.distill import distill_depth
+from resode_lightning.export.io import save_neural_ode
+from resode_lightning.lit.classifier import BACKBONES, build_backbone
+
+HELP = "fine-tune a trained ResNet into a neural ODE that runs at any number of steps"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arch",
+        required=True,
+        help=f"architecture: one of {', '.join(BACKBONES)}, or timm:<name> (timm installed)",
+    )
+    parser.add_argument(
+        "--arch-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON keyword arguments of the builder, e.g. \'{"depths": [16], "widths": [16]}\'',
+    )
+    parser.add_argument(
+        "--weights", required=True, help="trained state dict (.pth, Lightning .ckpt, .safetensors)"
+    )
+    parser.add_argument(
+        "--data", required=True, help="'digits' (bundled) or an image folder (see resode fit)"
+    )
+    parser.add_argument("--out", required=True, help="output neural ODE file (save_neural_ode)")
+    parser.add_argument(
+        "--checkpoint", help="progress file, resumed from when present (default: OUT.distill)"
+    )
+    parser.add_argument("--image-size", type=int, default=32, help="image side (default 32)")
+    parser.add_argument(
+        "--channels", type=int, default=1, choices=(1, 3), help="digits channels (default 1)"
+    )
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--steps",
+        type=_step,
+        nargs="+",
+        default=[1.0, 0.5, 0.25],
+        help="step counts drawn per batch: fractions of each stage's depth or ints",
+    )
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--knots", type=int, help="fit each stage's path at this many knots first")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--label-weight", type=float, default=0.5)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and draws")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    data = _data(args)
+    data.setup("fit")
+    source = _source(args, data).to(args.device)
+    checkpoint = args.checkpoint or f"{args.out}.distill"
+    if Path(checkpoint).is_file():
+        print(f"resuming from {checkpoint}")
+    model = distill_depth(
+        source,
+        data.train_dataloader(),
+        steps=args.steps,
+        epochs=args.epochs,
+        knots=args.knots,
+        lr=args.lr,
+        temperature=args.temperature,
+        label_weight=args.label_weight,
+        checkpoint=checkpoint,
+        device=args.device,
+        progress=args.progress,
+        seed=args.seed,
+    )
+    save_neural_ode(model, args.out)
+    rows = accuracy_vs_steps(
+        model, data.val_dataloader(), sorted(set(args.steps), reverse=True), reference=source
+    )
+    print(f"{'setting':>10} {'steps':>20} {'accuracy':>9} {'latency':>11} {'ratio':>6}")
+    for row in rows:
+        steps = "source" if row["steps"] is None else "/".join(map(str, row["steps"].values()))
+        print(
+            f"{row['setting']:>10} {steps:>20} {100 * row['accuracy']:8.1f}% "
+            f"{row['latency_ms']:8.2f} ms {row['latency_ratio']:6.2f}"
+        )
+    print(
+        f"distilled {args.arch} in {time.perf_counter() - started:.0f} s (validation split "
+        f"above); wrote {args.out}; choose a budget with resode_lightning.set_steps"
+    )
+    return 0
+
+
+def _step(text: str) -> int | float:
+    value = json.loads(text)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise argparse.ArgumentTypeError(f"a step count must be an int or a fraction, got {text!r}")
+    return value
+
+
+def _data(args: argparse.Namespace) -> ImageDataModule:
+    from resode_lightning.data import DigitsDataModule, ImageFolderDataModule
+
+    if args.data == "digits":
+        return DigitsDataModule(
+            image_size=args.image_size,
+            channels=args.channels,
+            batch_size=args.batch_size,
+            seed=args.seed,
+        )
+    return ImageFolderDataModule(
+        args.data, image_size=args.image_size, batch_size=args.batch_size, seed=args.seed
+    )
+
+
+def _source(args: argparse.Namespace, data: ImageDataModule) -> nn.Module:
+    """The trained network named by ``--arch``, loaded from ``--weights``, in eval mode."""
+    if args.arch.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(
+            args.arch.removeprefix("timm:"),
+            pretrained=False,
+            num_classes=data.num_classes,
+            in_chans=data.channels,
+            **args.arch_kwargs,
+        )
+        state = load_state_dict_file(args.weights)
+        return load_into(model, strip_prefix(state, model)).eval()
+    if args.arch not in BACKBONES:
+        raise ValueError(
+            f"unknown architecture {args.arch!r}; choose one of {', '.join(BACKBONES)} or "
+            f"timm:<name>"
+        )
+    with torch.random.fork_rng():
+        model = build_backbone(
+            args.arch, args.arch_kwargs, data.num_classes, data.channels, args.weights
+        )
+    return model.eval()
