@@ -10,6 +10,8 @@ tensor must fit in the bytes its storage declares, every storage in the record t
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
+import io
 import math
 import mmap
 import os
@@ -41,6 +43,7 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001
 _LEGACY_STORAGE_HEADER = 8  # the element count written before each storage's bytes
 _UNREADABLE = "is not a readable PyTorch checkpoint (truncated or another format)"
+_UNSAFE_ADVICE = re.compile(r"weights.only|trust the source|arbitrary code|safe_globals", re.I)
 
 
 class CheckpointError(ValueError):
@@ -53,8 +56,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     Nothing in the file is executed and nothing is allocated before its declared sizes are
     checked: a file whose pickle names anything but tensors and plain containers, whose
     records are compressed or larger than the file, or whose tensors claim more elements than
-    their storage holds (zero-stride or expanded tensors) is refused. The memory taken is
-    bounded by the file's size.
+    their storage holds (zero-stride or expanded tensors) is refused. The memory taken grows
+    with the file's size, never with the sizes it declares.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -88,9 +91,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
 
 def _reason(error: BaseException) -> str:
     """An error's text on one line, without torch's advice to load the file unsafely."""
-    unsafe = re.compile(r"weights.only|trust the source|arbitrary code|safe_globals", re.I)
     lines = [line.strip() for line in str(error).splitlines()]
-    kept = [line for line in lines if line and not unsafe.search(line)]
+    kept = [line for line in lines if line and not _UNSAFE_ADVICE.search(line)]
     return "; ".join(kept) or type(error).__name__
 
 
@@ -129,7 +131,7 @@ def _check_zip_checkpoint(path: Path, size: int) -> None:
     except Exception as error:  # zipfile raises many types on damaged archives
         raise CheckpointError(f"{path} {_UNREADABLE}: {_reason(error)}") from None
     scan = _PickleScan(path, legacy=False)
-    scan.replay(_Bytes(data))
+    scan.replay(io.BytesIO(data))
     for key, storage in scan.storages.items():
         record = names.get(f"{prefix}data/{key}")
         if record is None:
@@ -220,7 +222,7 @@ _REBUILD_TENSOR = {
     "torch._utils._rebuild_parameter",
     "torch._utils._rebuild_parameter_with_state",
 }
-_CALLABLE = _REBUILD_TENSOR | {
+_GLOBALS = _REBUILD_TENSOR | {  # the names, besides dtypes and storage types, a pickle may import
     "torch._tensor._rebuild_from_type_v2",
     "torch.nn.parameter.Parameter",
     "torch.Tensor",
@@ -259,23 +261,6 @@ class _Malformed(Exception):
     """A pickle that torch's weights-only unpickler would not read either."""
 
 
-class _Bytes:
-    """``read``/``readline``/``tell`` over bytes; a read never asks for more than is left."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.position = data, 0
-
-    def read(self, count: int) -> bytes:
-        chunk = self.data[self.position : self.position + count]
-        self.position += len(chunk)
-        return chunk
-
-    def readline(self) -> bytes:
-        end = self.data.find(b"\n", self.position)
-        end = len(self.data) if end < 0 else end + 1
-        return self.read(end - self.position)
-
-
 class _PickleScan:
     """Replays pickles of the opcode subset torch's weights-only unpickler reads, on placeholders.
 
@@ -290,7 +275,7 @@ class _PickleScan:
         self.loaded: dict[object, _Storage] = {}
         self.refused: list[_Tensor] = []
 
-    def replay(self, file: IO[bytes] | mmap.mmap | _Bytes) -> object:
+    def replay(self, file: IO[bytes] | mmap.mmap) -> object:
         """The value of the next pickle in ``file``, with placeholders for tensors and globals.
 
         Raises:
@@ -306,7 +291,7 @@ class _PickleScan:
             raise CheckpointError(f"{self.path} {self.refused[0].problem}; refused")
         return result
 
-    def _replay(self, file: IO[bytes] | mmap.mmap | _Bytes) -> object:
+    def _replay(self, file: IO[bytes] | mmap.mmap) -> object:
         stack: list = []
         marks: list[list] = []
         memo: dict[int, object] = {}
@@ -398,7 +383,7 @@ class _PickleScan:
         else:
             module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         full = f"{module}.{name}"
-        if full in _CALLABLE:
+        if full in _GLOBALS:
             return _Global(full)
         if full in _DTYPES:
             return _DTYPES[full]
@@ -745,8 +730,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         ) from error
     try:
         with os.fdopen(handle, "wb") as file:
-            if fcntl is not None:
-                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:  # without locks (some file systems) it is never cleaned
+                with contextlib.suppress(OSError):
+                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             write(file)
             file.flush()
             os.fsync(file.fileno())
@@ -765,12 +751,15 @@ def _remove_leftovers(target: Path) -> None:
     pattern = re.compile(
         rf"\.{re.escape(target.name)}\.[0-9a-f]{{16}}{re.escape(_TEMPORARY_SUFFIX)}"
     )
-    with os.scandir(target.parent) as entries:
-        leftovers = [
-            e.path
-            for e in entries
-            if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
-        ]
+    try:
+        with os.scandir(target.parent) as entries:
+            leftovers = [
+                e.path
+                for e in entries
+                if pattern.fullmatch(e.name) and e.is_file(follow_symlinks=False)
+            ]
+    except OSError:  # a directory that can be written but not listed
+        return
     for leftover in leftovers:
         try:
             handle = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW)
