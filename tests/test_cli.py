@@ -304,6 +304,17 @@ def test_bad_checkpoints_end_in_one_line_and_status_2(command, tmp_path, capsys)
     assert not (tmp_path / "out.pt").exists()
 
 
+def test_convert_refuses_more_classes_than_max_classes(tmp_path, capsys):
+    torch.save({"fc.weight": torch.zeros(20, 512)}, tmp_path / "head.pth")
+    status, output = _run(
+        _convert(tmp_path / "head.pth", tmp_path / "out.pt", "--max-classes", "10"), capsys
+    )
+    assert status == 2
+    _one_line_error(
+        output, "convert", "'fc.weight' declares 20 classes, more than --max-classes 10"
+    )
+
+
 def test_smoothness_on_many_long_keys_finishes_quickly(tmp_path, capsys):
     """Inferring the architecture tries 10 of them: 4,000 keys of 40 parts did not finish in
     170 s when every prefix of every key was matched against every key."""
