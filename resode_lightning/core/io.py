@@ -70,6 +70,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    return _extract_state_dict(safe_torch_load(path), path)
+
+
+def safe_torch_load(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU, once the file's declared sizes are
+    checked (see :func:`load_state_dict_file`).
+
+    Raises:
+        CheckpointError: the file cannot be read, is damaged or forged, or is not a
+            ``torch.save`` file of tensors and plain containers. The message names the file.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -83,10 +94,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     else:
         _check_legacy_checkpoint(path, size)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types on damaged files
         raise CheckpointError(f"{path} {_UNREADABLE}: {_reason(error)}") from None
-    return _extract_state_dict(content, path)
 
 
 def _reason(error: BaseException) -> str:

@@ -15,7 +15,7 @@ from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.paths import Interpolation, fit_knots, knot_times
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.export.field import VectorField, WeightPath
-from resode_lightning.export.options import ExportOptions, Steps
+from resode_lightning.export.options import MAX_STEPS, ExportOptions, Steps
 from resode_lightning.export.solve import ADAPTIVE_METHODS, NeuralODEStage
 from resode_lightning.export.source import source_spec
 
@@ -107,7 +107,10 @@ def _resolve_steps(stages: list[Stage], method: str, steps: Steps) -> dict[str, 
         return {stage.name: steps.get(stage.name, stage.depth) for stage in stages}
     if isinstance(steps, int):
         return {stage.name: steps for stage in stages}
-    return {stage.name: max(1, round(steps * stage.depth)) for stage in stages}
+    counts = {stage.name: max(1, round(steps * stage.depth)) for stage in stages}
+    if max(counts.values()) > MAX_STEPS:
+        raise ValueError(f"steps={steps!r} of each stage's depth gives more than {MAX_STEPS:,}")
+    return counts
 
 
 def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: str) -> None:

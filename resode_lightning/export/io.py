@@ -19,16 +19,19 @@ import torch
 from torch import nn
 
 from resode_lightning.core.blocks import qualified_name
-from resode_lightning.core.io import CheckpointError, atomic_save
+from resode_lightning.core.io import CheckpointError, atomic_save, safe_torch_load
 from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import export_neural_ode, exported_config
 from resode_lightning.export.options import ExportOptions
+from resode_lightning.export.solve import NeuralODEStage
 from resode_lightning.export.source import (
     BUILT_KINDS,
     build_source,
+    check_source_spec,
     fingerprint,
     fingerprint_differences,
+    shape_mismatches,
 )
 
 FORMAT = "resode-neural-ode/2"
@@ -84,22 +87,17 @@ def load_neural_ode(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"neural ODE file {str(path)!r} does not exist or is not a file")
-    try:
-        content = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable neural ODE file: {error}") from None
-    if not isinstance(content, dict) or not isinstance(content.get("config"), str):
+    content = safe_torch_load(path)
+    if not (
+        isinstance(content, dict)
+        and isinstance(content.get("config"), str)
+        and isinstance(content.get("state_dict"), dict)
+    ):
         raise CheckpointError(
-            f"{path} is not a neural ODE file written by save_neural_ode (no config)"
+            f"{path} is not a neural ODE file written by save_neural_ode (no config and weights)"
         )
-    try:
-        config = json.loads(content["config"])
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} has an unreadable config: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}")
-    source = config["source"]
+    state = content["state_dict"]
+    source, options = _read_config(path, content["config"], state)
     if model is None:
         if source["kind"] not in BUILT_KINDS:
             raise CheckpointError(
@@ -113,15 +111,69 @@ def load_neural_ode(
         base = copy.deepcopy(model)
     try:
         _set_form(base, source["horizons"])
-        exported = export_neural_ode(base, ExportOptions.from_config(config["export"]))
+        exported = export_neural_ode(base, options)
     except ValueError as error:
         raise CheckpointError(f"{path}: cannot export {source['class']} again: {error}") from None
     try:
-        exported.load_state_dict(content["state_dict"], strict=True, assign=True)
+        exported.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as error:
         what = "its own configuration" if model is None else "the export of the given model"
         raise CheckpointError(f"{path} does not match {what}: {error}") from None
+    _check_loaded(path, exported)
     return exported.to(map_location).eval()
+
+
+def _read_config(
+    path: Path, text: str, state: dict[object, object]
+) -> tuple[dict[str, Any], ExportOptions]:
+    """The file's source spec and options, checked field by field before anything is built."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} has an unreadable config: {error}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}")
+    if set(config) != {"format", "source", "export"}:
+        raise CheckpointError(
+            f"{path} config has the fields {sorted(config)}, expected format, source and export"
+        )
+    bad_key = next((key for key in state if not isinstance(key, str)), None)
+    if bad_key is not None or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds weights that are not tensors named by strings")
+    try:
+        check_source_spec(config["source"])
+        options = ExportOptions.from_config(config["export"])
+        mismatches = (
+            shape_mismatches(config["source"], state)
+            if config["source"]["kind"] in BUILT_KINDS
+            else []
+        )
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path} has an invalid config: {error}") from None
+    if mismatches:
+        raise CheckpointError(
+            f"{path} declares an architecture its weights do not have: " + "; ".join(mismatches[:5])
+        )
+    return config["source"], options
+
+
+def _check_loaded(path: Path, exported: nn.Module) -> None:
+    """Refuse non-finite weights, and horizons or knot times a saved export cannot have."""
+    for name, tensor in exported.state_dict().items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
+    for name, stage in exported.named_modules():
+        if not isinstance(stage, NeuralODEStage):
+            continue
+        horizon, times = float(stage.horizon), stage.field.path.times
+        if not horizon > 0:
+            raise CheckpointError(f"{path}: {name}.horizon is {horizon}, not a positive number")
+        ordered = bool((times[1:] > times[:-1]).all()) if times.numel() > 1 else True
+        if not (ordered and float(times[0]) >= 0 and float(times[-1]) <= horizon):
+            raise CheckpointError(
+                f"{path}: {name}.field.path.times are not increasing times in [0, {horizon:g}]"
+            )
 
 
 def _check_skeleton(path: Path, source: dict[str, Any], model: nn.Module) -> None:

@@ -17,6 +17,8 @@ from resode_lightning.export.grid import GRID_METHODS
 from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, GRADIENTS
 
 Steps = int | float | dict[str, int] | None
+MAX_STEPS = 100_000
+"""The most solver steps per stage an export may take."""
 
 
 @dataclass(frozen=True)
@@ -148,9 +150,13 @@ def _check_steps(method: str, steps: Steps) -> None:
         )
     if isinstance(steps, Mapping):
         for name, count in steps.items():
-            if _not_int(count) or count < 1:
-                raise ValueError(f"steps[{name!r}] must be a positive int, got {count!r}")
+            if _not_int(count) or not 1 <= count <= MAX_STEPS:
+                raise ValueError(
+                    f"steps[{name!r}] must be an int in [1, {MAX_STEPS:,}], got {count!r}"
+                )
         return
+    if isinstance(steps, int) and steps > MAX_STEPS:
+        raise ValueError(f"steps must be at most {MAX_STEPS:,} per stage, got {steps!r}")
     if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not 0 < steps < math.inf:
         raise ValueError(
             f"steps must be a positive int, a positive fraction of each stage's depth, or a dict "

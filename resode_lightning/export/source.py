@@ -11,6 +11,8 @@ marker of each stage in ODE form).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,11 +20,19 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from resode_lightning.core.blocks import qualified_name
-from resode_lightning.core.models import ODEResNet, PreActBlock, ode_resnet, torchvision_resnet
+from resode_lightning.core.models import (
+    ACTIVATIONS,
+    ODEResNet,
+    PreActBlock,
+    ode_resnet,
+    torchvision_resnet,
+)
 from resode_lightning.core.stages import MARKER
 
 BUILT_KINDS = ("torchvision", "ode_resnet")
 """Kinds of source the package builds itself; others need a skeleton to load."""
+LIMITS = {"num_classes": 100_000, "width": 4096, "depth": 1024, "blocks": 4096, "in_channels": 64}
+"""The largest architecture a saved spec may declare (checked before anything is built)."""
 
 # (block type, blocks per layer, groups, width per group) of each torchvision ResNet
 _TORCHVISION: dict[tuple[str, tuple[int, ...], int, int], str] = {
@@ -149,6 +159,79 @@ def _describe(model: nn.Module) -> dict[str, Any] | None:
     return None
 
 
+def check_source_spec(spec: object) -> None:
+    """Raise ``ValueError`` naming the field unless ``spec`` is a well-formed source spec within
+    :data:`LIMITS` (a spec read from a file is hostile until checked)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"source must be a JSON object, got {type(spec).__name__}")
+    kind = spec.get("kind")
+    if kind not in (*BUILT_KINDS, "custom"):
+        raise ValueError(f"source.kind must be one of {(*BUILT_KINDS, 'custom')}, got {kind!r}")
+    if not isinstance(spec.get("class"), str):
+        raise ValueError("source.class must be a string")
+    prints = spec.get("fingerprint")
+    if not (
+        isinstance(prints, dict)
+        and set(prints) == {"modules", "tensors"}
+        and _is_map(prints["modules"], lambda v: isinstance(v, str))
+        and _is_map(prints["tensors"], lambda v: isinstance(v, list) and all(_count(d) for d in v))
+    ):
+        raise ValueError("source.fingerprint must map modules to type names and tensors to shapes")
+    horizons = spec.get("horizons")
+    if not _is_map(horizons, lambda v: _number(v) and 0 < v < math.inf):
+        raise ValueError("source.horizons must map marker names to finite positive numbers")
+    if kind == "torchvision":
+        if spec.get("arch") not in _TORCHVISION.values():
+            raise ValueError(f"source.arch {spec.get('arch')!r} is not a torchvision ResNet")
+        _check_count(spec, "num_classes", LIMITS["num_classes"])
+    elif kind == "ode_resnet":
+        _check_ode_resnet(spec)
+
+
+def _check_ode_resnet(spec: dict[str, Any]) -> None:
+    depths, widths = spec.get("depths"), spec.get("widths")
+    for name, values, limit in (
+        ("depths", depths, LIMITS["depth"]),
+        ("widths", widths, LIMITS["width"]),
+    ):
+        if not (isinstance(values, list) and values and all(_count(v, limit) for v in values)):
+            raise ValueError(f"source.{name} must be a non-empty list of ints in [1, {limit}]")
+    if len(depths) != len(widths) or sum(depths) > LIMITS["blocks"]:
+        raise ValueError(
+            f"source.depths and widths must have one entry per stage and at most "
+            f"{LIMITS['blocks']} blocks in all"
+        )
+    _check_count(spec, "num_classes", LIMITS["num_classes"])
+    _check_count(spec, "in_channels", LIMITS["in_channels"])
+    choices = {
+        "stem": ("cifar", "imagenet"),
+        "activation": tuple(ACTIVATIONS),
+        "norm": (True, False),
+    }
+    for name, allowed in choices.items():
+        if spec.get(name) not in allowed or isinstance(spec.get(name), int) != (name == "norm"):
+            raise ValueError(f"source.{name} must be one of {allowed}, got {spec.get(name)!r}")
+
+
+def _check_count(spec: dict[str, Any], name: str, limit: int) -> None:
+    if not _count(spec.get(name), limit):
+        raise ValueError(f"source.{name} must be an int in [1, {limit:,}], got {spec.get(name)!r}")
+
+
+def _count(value: object, limit: int = 2**31) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_map(value: object, valid: Callable[[object], bool]) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(key, str) and valid(item) for key, item in value.items()
+    )
+
+
 def build_source(spec: dict[str, Any]) -> nn.Module:
     """A randomly initialised model of the architecture ``spec`` names, in eval mode.
 
@@ -156,6 +239,20 @@ def build_source(spec: dict[str, Any]) -> nn.Module:
         ValueError: ``spec`` is not of a kind the package builds (``BUILT_KINDS``).
     """
     return _build(spec, device="cpu")
+
+
+def shape_mismatches(spec: dict[str, Any], state_dict: dict[str, Any]) -> list[str]:
+    """Tensors the built source and a saved export both name, with other shapes in the file.
+
+    The architecture is built on the meta device (nothing allocated), so that a spec declaring
+    a larger net than the file holds is caught before it is built for real.
+    """
+    built = _build(spec, device="meta").state_dict()
+    return [
+        f"{key} {list(built[key].shape)} declared, {list(value.shape)} stored"
+        for key, value in state_dict.items()
+        if key in built and list(built[key].shape) != list(getattr(value, "shape", []))
+    ]
 
 
 def _build(spec: dict[str, Any], device: str) -> nn.Module:
