@@ -1,4 +1,4 @@
-"""ODEForm in a real Trainer: conversion once, at setup, surviving fits and resumes."""
+"""ODEForm in a real Trainer: conversion at setup, kept through fits, resumes and strategies."""
 
 import copy
 
@@ -156,3 +156,18 @@ def test_sync_batchnorm_replacement_keeps_the_function(tmp_path):
     trainer(tmp_path, callbacks, max_steps=0).fit(module, loader())
     assert isinstance(module.net["backbone"].layer1[1].bn2, torch.nn.SyncBatchNorm)
     torch.testing.assert_close(record.outputs[0], before, rtol=1e-5, atol=1e-6)
+
+
+class FailingModule(NestedBackboneModule):
+    def training_step(self, batch, batch_idx):
+        raise RuntimeError("boom")
+
+
+def test_restore_hook_leaves_the_module_when_the_run_fails(tmp_path):
+    module = FailingModule(tvm.resnet18(num_classes=10))
+    plain = module.state_dict()
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, [ODEForm()]).fit(module, loader())
+    assert is_ode_form(module)
+    with pytest.raises(RuntimeError, match="ode_horizon"):
+        module.load_state_dict(plain)

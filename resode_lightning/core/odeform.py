@@ -162,6 +162,124 @@ def ode_scale(stage: Stage) -> dict[str, float]:
     return {f"{prefix}weight": 1.0 / stage.step, f"{prefix}bias": 1.0 / stage.step}
 
 
+def _module_prefixes(model: nn.Module) -> dict[int, str]:
+    return {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
+
+
+def _rescaled_keys(stage: Stage, container_prefix: str) -> dict[str, float]:
+    names = [name for name, _ in stage.container.named_children()]
+    keys: dict[str, float] = {}
+    for index, block in zip(stage.indices, stage.blocks):
+        layer = stage.adapter.last_layer(block)
+        last = last_layer_name(block, stage.adapter)
+        if layer is None or last is None:
+            continue
+        prefix = f"{container_prefix}{names[index]}." + (f"{last}." if last else "")
+        for attribute in ("weight", "bias"):
+            if getattr(layer, attribute, None) is not None:
+                keys[f"{prefix}{attribute}"] = 1.0 / stage.step
+    return keys
+
+
+def rescaled_keys(model: nn.Module, stage: Stage) -> dict[str, float]:
+    """The tensors the ODE-form rescale of ``stage`` multiplied, by state-dict name in ``model``.
+
+    Returns:
+        ``{name: L / horizon}`` for an ODE-form stage of ``model``; ``{}`` for a plain stage.
+    """
+    if not stage.is_ode_form:
+        return {}
+    return _rescaled_keys(stage, _module_prefixes(model)[id(stage.container)])
+
+
+def convert_state_dict(
+    model: nn.Module, state_dict: dict[str, Tensor], *, prefix: str = ""
+) -> dict[str, float]:
+    """Put the plain-form entries of ``state_dict`` in the ODE form of ``model``, in place.
+
+    An ODE-form stage of ``model`` whose marker is absent from ``state_dict`` while all its
+    rescaled tensors are present is stored plain: those entries are replaced by their values
+    times ``L / horizon`` (new tensors; the old ones are not modified) and the model's marker
+    is added, so that a strict ``model.load_state_dict(state_dict)`` loads the stored function.
+    Other entries are left as they are: stages stored in ODE form keep their own horizon.
+
+    Args:
+        model: the model the state dict is meant for, its stages already in ODE form.
+        state_dict: a state dict of ``model``, keys starting with ``prefix``.
+        prefix: prefix of ``model``'s keys in ``state_dict``.
+
+    Returns:
+        ``{name: factor}`` of the entries replaced, names relative to ``model`` (no prefix).
+    """
+    prefixes = _module_prefixes(model)
+    converted: dict[str, float] = {}
+    for stage in find_stages(model):
+        container = prefixes[id(stage.container)]
+        marker = f"{prefix}{container}{stage.marker}"
+        if not stage.is_ode_form or marker in state_dict:
+            continue
+        keys = _rescaled_keys(stage, container)
+        if any(f"{prefix}{key}" not in state_dict for key in keys):
+            continue
+        for key, factor in keys.items():
+            state_dict[f"{prefix}{key}"] = state_dict[f"{prefix}{key}"] * factor
+        state_dict[marker] = stage.container._buffers[stage.marker].detach().clone()
+        converted.update(keys)
+    return converted
+
+
+GRADIENT_ORDERS: dict[type[torch.optim.Optimizer], dict[str, int]] = {
+    torch.optim.SGD: {"momentum_buffer": 1},
+    torch.optim.Adam: {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2},
+    torch.optim.AdamW: {"step": 0, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2},
+    torch.optim.NAdam: {"step": 0, "mu_product": 0, "exp_avg": 1, "exp_avg_sq": 2},
+    torch.optim.RAdam: {"step": 0, "exp_avg": 1, "exp_avg_sq": 2},
+}
+"""Optimizers whose per-parameter state :func:`rescale_optimizer_state` can rescale: for each,
+every state key and the power of the gradient it is a running statistic of (0: not scaled).
+Types match exactly: a subclass may keep other state under the same keys."""
+
+
+def rescale_optimizer_state(
+    optimizer: torch.optim.Optimizer, factors: Mapping[Tensor, float]
+) -> None:
+    """Carry the state ``optimizer`` holds for parameters multiplied by a factor, in place.
+
+    A parameter multiplied by ``c`` while computing the same function (the ODE-form rescale,
+    ``c = L / horizon``) has gradients ``1 / c`` times the old ones. Each state entry that is a
+    running statistic of the ``k``-th power of the gradient (see :data:`GRADIENT_ORDERS`) is
+    multiplied by ``c ** -k``: the state the optimizer would hold had it seen the same gradients
+    through the new parametrisation. SGD's momentum and Adam's first moment are divided by ``c``,
+    Adam's second moments by ``c ** 2``, step counts are kept. L2 weight decay added to the
+    gradient is carried with it, as a gradient. Parameters without state are left alone.
+
+    Args:
+        optimizer: the optimizer holding state for some of the parameters.
+        factors: ``{parameter: c}`` for the parameters that were multiplied.
+
+    Raises:
+        ValueError: the optimizer holds state for one of the parameters, but its type or a state
+            key is not in :data:`GRADIENT_ORDERS`; nothing is modified.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p in factors]
+    stateful = [p for p in params if optimizer.state.get(p)]
+    if not stateful:
+        return
+    orders = GRADIENT_ORDERS.get(type(optimizer))
+    unknown = sorted({key for p in stateful for key in optimizer.state[p]} - set(orders or {}))
+    if orders is None or unknown:
+        raise ValueError(
+            f"cannot rescale the state {type(optimizer).__name__} holds for {len(stateful)} "
+            f"rescaled parameter(s): unknown state key(s) {unknown} (the state of "
+            f"{', '.join(cls.__name__ for cls in GRADIENT_ORDERS)} can be rescaled)"
+        )
+    with torch.no_grad():
+        for p in stateful:
+            for key, value in optimizer.state[p].items():
+                if orders[key] and isinstance(value, Tensor):
+                    value.mul_(factors[p] ** -orders[key])
+
+
 def stage_tensors(stage: Stage) -> tuple[dict[str, list[Tensor]], dict[str, float]]:
     """The live parameter tensors of a stage's blocks, by name, and their ODE-form factors.
 
