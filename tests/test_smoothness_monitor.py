@@ -210,9 +210,14 @@ class _Predicting(NestedBackboneModule):
 
 def test_validate_and_predict_need_no_stage(tmp_path):
     module = _Predicting(nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 10)))
-    run = trainer(tmp_path, callbacks=[SmoothnessMonitor()])
-    run.validate(module, loader(4, SIZE))
-    assert run.predict(module, loader(4, SIZE))
+    monitor = SmoothnessMonitor(probe_every_n_epochs=1)
+    run = trainer(tmp_path, callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run.validate(module, loader(4, SIZE))
+        assert run.predict(module, loader(4, SIZE))
+    assert not [w for w in caught if "SmoothnessMonitor" in str(w.message)]
+    assert monitor.history == {}
 
 
 def _replace_a_layer(backbone: nn.Module) -> None:

@@ -175,23 +175,25 @@ class SmoothnessMonitor(Callback):
     def on_validation_batch_start(
         self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self.probe_every_n_epochs is not None and self._probe_input is None:
-            x = _first_tensor(batch)
-            if x is None:
-                raise ValueError(
-                    "SmoothnessMonitor(probe_every_n_epochs=...) needs a validation batch holding "
-                    f"a tensor of inputs, got {type(batch).__name__}"
-                )
-            # once per run: every rank probes rank 0's batch
-            x = x[: self.probe_samples].detach().to("cpu", copy=True)
-            self._probe_input = trainer.strategy.broadcast(x, src=0)
+        wanted = self.probe_every_n_epochs is not None and self._probe_input is None
+        if not wanted or trainer.state.fn != "fit":
+            return
+        x = _first_tensor(batch)
+        if x is None:
+            raise ValueError(
+                "SmoothnessMonitor(probe_every_n_epochs=...) needs a validation batch holding "
+                f"a tensor of inputs, got {type(batch).__name__}"
+            )
+        # once per run: every rank probes rank 0's batch
+        x = x[: self.probe_samples].detach().to("cpu", copy=True)
+        self._probe_input = trainer.strategy.broadcast(x, src=0)
 
     @override
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         every = self.probe_every_n_epochs
         if every is None or trainer.sanity_checking or self._probe_input is None:
             return
-        if (trainer.current_epoch + 1) % every != 0:
+        if trainer.state.fn != "fit" or (trainer.current_epoch + 1) % every != 0:
             return
         values = self._probe(pl_module)
         for name, value in values.items():
