@@ -64,6 +64,10 @@ def test_new_parameter_names_restart_the_metrics_and_keep_the_probes():
     assert history.steps("a").tolist() == [2]
     assert history.parameters("a") == [ALL, "other.weight"]
     assert history.state_dict()["a"]["probe_step"].tolist() == [1]
+    history.append(3, [measure("a", 3, parameters=(ALL,))])  # a change inside one transfer
+    history.append(4, [measure("a", 4, parameters=(ALL, "other.weight"))])
+    assert history.drain().restarted == [("a", 3), ("a", 4)]
+    assert history.steps("a").tolist() == [4]
 
 
 def test_a_resampled_stage_pads_its_depth_profiles_with_nan():

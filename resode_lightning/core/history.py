@@ -9,6 +9,7 @@ checkpoint state), read back with validation.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from itertools import groupby
 from typing import Any, NamedTuple
 
 import torch
@@ -123,7 +124,11 @@ class SmoothnessHistory:
             )
 
     def drain(self) -> Drained:
-        """The measurements appended (and the restarts met) since the last drain, on the CPU."""
+        """What was appended since the last drain, on the CPU, and the events it brought.
+
+        Measurements moved to host memory are kept for the next drain (the monitor drains
+        them at every flush to log them).
+        """
         self._to_host()
         drained, self._drained = self._drained, Drained([], [], [])
         return drained
@@ -219,12 +224,13 @@ class SmoothnessHistory:
                         self._non_finite.add((m.stage, name))
                         self._drained.non_finite.append((m.stage, name, step))
         for name, entries in by_stage.items():
-            self._merge(name, entries)
+            for _, run in groupby(entries, key=lambda entry: entry[1].parameters):
+                self._merge(name, list(run))
         self._drained.measurements.extend(moved)
 
     def _merge(self, name: str, entries: list[tuple[int, Measurement]]) -> None:
         steps = torch.tensor([step for step, _ in entries], dtype=torch.int64)
-        parameters = list(entries[-1][1].parameters)
+        parameters = list(entries[0][1].parameters)
         record = self._records.get(name)
         if record is None or record["parameters"] != parameters:
             if record is not None and len(record["step"]):
