@@ -19,7 +19,7 @@ from resode_lightning.export.options import ExportOptions
         ({"interpolation": "cubic"}, "interpolation must be one of"),
         ({"method": "dopri5", "steps": 4}, "steps=4 is for fixed-grid methods"),
         ({"steps": 0}, "steps must be a positive"),
-        ({"steps": {"layer1": 0}}, r"steps\['layer1'\] must be a positive int"),
+        ({"steps": {"layer1": 0}}, r"steps\['layer1'\] must be an int in"),
         ({"knots": 1}, "knots must be an int >= 2"),
         ({"knots": 3, "interpolation": "constant"}, "knots=... fits a linear path"),
         ({"rtol": 0}, "rtol must be a positive number"),
