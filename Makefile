@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check resode_lightning tests benchmarks conftest.py
+	$(PY) -m ruff format --check resode_lightning tests benchmarks conftest.py
 	$(PY) -m pytest -n 2 -q  # tests/ and the docstring examples of resode_lightning/
 
 lint: $(STAMP)
