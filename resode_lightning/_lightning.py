@@ -2,7 +2,10 @@
 
 ``pytorch_lightning`` is a dependency; when the unified ``lightning`` package is installed
 too, the package's callbacks derive from both namespaces' ``Callback`` classes, so a Trainer
-from either accepts them.
+from either accepts them. ``ImageClassifier``, the DataModules and the ``resode`` command are
+``pytorch_lightning`` classes: a LightningModule cannot derive from both namespaces'
+``LightningModule`` (each Trainer then takes the other namespace's hooks for overrides and
+refuses the module), so they serve ``pytorch_lightning.Trainer``.
 """
 
 from __future__ import annotations

@@ -360,26 +360,24 @@ def test_the_figure_goes_to_loggers_that_take_images(tmp_path):
     assert "smoothness/net.backbone.stages.1/conv2.weight/lipschitz" in scalars
 
 
-lightning = pytest.importorskip("lightning.pytorch", reason="the unified lightning package")
-
-
-class _UnifiedModule(lightning.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = tiny()
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.backbone(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
-
-
 def test_works_in_a_lightning_pytorch_trainer(tmp_path):
+    lightning = pytest.importorskip("lightning.pytorch", reason="the unified lightning package")
+
+    class UnifiedModule(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = tiny()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.backbone(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
     monitor = SmoothnessMonitor(every_n_steps=2, plot=False)
     trainer(tmp_path, module=lightning, max_steps=4, callbacks=[monitor]).fit(
-        _UnifiedModule(), loader(16, SIZE)
+        UnifiedModule(), loader(16, SIZE)
     )
     assert monitor.history["backbone.stages.0"]["step"].tolist() == [2, 4]
     assert "smoothness/backbone.stages.0/lipschitz" in csv_rows(tmp_path)[0]
