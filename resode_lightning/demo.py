@@ -33,7 +33,7 @@ from resode_lightning.core.smoothness import METRICS
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export import export_neural_ode, load_neural_ode
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: runs from an installed wheel
 RUNS = {"tied": "digits_ode_resnet.yaml", "iid": "digits_iid.yaml"}
 CONVERSION_TOLERANCE = 1e-5
 
