@@ -287,21 +287,31 @@ def _hostile_files(directory: Path) -> dict[str, Path]:
     torch.save({"fc.weight": torch.zeros(512).expand(500_000, 512)}, directory / "expanded.pth")
     torch.save({7: torch.zeros(2)}, directory / "int-keys.pth")
     torch.save({"fc.weight": torch.zeros(20, 512)}, directory / "classes.pth")
+    torch.save({"fc.weight": _Payload(directory / "executed")}, directory / "payload.pth")
     return {p.stem: p for p in directory.iterdir() if p.name != "full.pth"}
 
 
-@pytest.mark.parametrize("command", ["convert", "smoothness"])
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("command", ["convert", "smoothness", "export"])
 def test_bad_checkpoints_end_in_one_line_and_status_2(command, tmp_path, capsys):
     for kind, path in _hostile_files(tmp_path).items():
-        args = (
-            _convert(path, tmp_path / "out.pt", "--max-classes", "10")
-            if command == "convert"
-            else ["smoothness", str(path), "--max-classes", "10"]
-        )
+        args = {
+            "convert": _convert(path, tmp_path / "out.pt", "--max-classes", "10"),
+            "smoothness": ["smoothness", str(path), "--max-classes", "10"],
+            "export": ["export", "--arch", "resnet18", "--weights", str(path),
+                       "--out", str(tmp_path / "out.pt"), "--max-classes", "10"],
+        }[command]  # fmt: skip
         status, output = _run(args, capsys)
         assert status == 2, (kind, output)
         _one_line_error(output, command, path)
-    assert not (tmp_path / "out.pt").exists()
+    assert not (tmp_path / "out.pt").exists() and not (tmp_path / "executed").exists()
 
 
 def test_convert_refuses_more_classes_than_max_classes(tmp_path, capsys):

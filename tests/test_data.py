@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,73 @@ def test_cifar10_batch_with_wrong_shape_is_refused(tmp_path):
         CIFAR10DataModule(str(tmp_path), val_size=4, num_workers=0).setup("fit")
 
 
+def _write_batch(tmp_path, name, batch):
+    (tmp_path / "cifar-10-batches-py" / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+_PIXELS = np.zeros((4, 3072), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({b"data": _PIXELS.astype(object), b"labels": [0] * 4}, "'data' holds dtype object"),
+        ({b"data": _PIXELS.astype(np.float32), b"labels": [0] * 4}, "'data' holds dtype float32"),
+        (
+            {b"data": np.full((4, 3072), 300, np.int64), b"labels": [0] * 4},
+            "'data' holds values outside 0..255",
+        ),
+        ({b"data": _PIXELS - np.int16(1), b"labels": [0] * 4}, "'data' holds values outside"),
+        ({b"data": _PIXELS, b"labels": [b"cat"] * 4}, r"'labels' must be .* found dtype \|S3"),
+        ({b"data": _PIXELS, b"labels": [1.7] * 4}, "'labels' must be .* found dtype float64"),
+        ({b"data": _PIXELS, b"labels": [True] * 4}, "'labels' must be .* found dtype bool"),
+        (
+            {b"data": _PIXELS, b"labels": [[0], [1, 2], 3, 4]},
+            "'labels' must be .* found a list that is not a flat",
+        ),
+        ({b"data": _PIXELS, b"labels": {0: 1}}, "'labels' must be .* found a dict that is not"),
+    ],
+    ids=[
+        "object",
+        "float-pixels",
+        "int64-300",
+        "negative",
+        "str-labels",
+        "float-labels",
+        "bool-labels",
+        "ragged-labels",
+        "dict-labels",
+    ],
+)
+def test_cifar10_refuses_batches_it_would_misread(tmp_path, batch, message):
+    """Object or float pixels, pixels outside 0..255 and labels that are not integers were
+    truncated or converted silently, or raised raw numpy errors."""
+    write_cifar10(tmp_path, per_batch=4)
+    _write_batch(tmp_path, "data_batch_2", batch)
+    data = CIFAR10DataModule(str(tmp_path), val_size=4, num_workers=0)
+    with pytest.raises(DataError, match=f"data_batch_2: {message}") as error:
+        data.setup("fit")
+    assert "cifar-10-python.tar.gz" in str(error.value)
+    assert data.train_set is None
+
+
+def test_cifar10_unreadable_files_are_named(tmp_path):
+    write_cifar10(tmp_path, per_batch=4)
+    directory = tmp_path / "cifar-10-batches-py"
+    # an encoding pickle never uses: codecs raised LookupError
+    (directory / "test_batch").write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x03"
+                                           b"\x00\x00\x00zzz\x86R.")  # fmt: skip
+    data = CIFAR10DataModule(str(tmp_path), val_size=4, num_workers=0)
+    with pytest.raises(DataError, match="test_batch is not a readable CIFAR-10 batch"):
+        data.setup("fit")
+    (directory / "batches.meta").unlink()
+    with pytest.raises(DataError, match="batches.meta cannot be read"):
+        data.classes  # noqa: B018
+    _write_batch(tmp_path, "batches.meta", {b"label_names": 7})
+    with pytest.raises(DataError, match="'label_names' is not a list of names"):
+        data.classes  # noqa: B018
+
+
 # ----------------------------------------------------------------------------- image folders
 
 
@@ -199,3 +267,76 @@ def test_image_folder_errors(tmp_path):
     data = ImageFolderDataModule(str(tmp_path), num_workers=0)
     with pytest.raises(DataError, match=r"class folders of .*val.* \['a', 'c'\] differ"):
         data.setup("fit")
+
+
+def _truncate(path):
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+
+
+def test_image_folder_names_files_that_are_not_images_at_setup(tmp_path):
+    write_image_folder(tmp_path / "train", classes=("a", "b"), per_class=2)
+    write_image_folder(tmp_path / "val", classes=("a", "b"), per_class=2)
+    (tmp_path / "train" / "a" / "text.png").write_text("not an image")
+    (tmp_path / "val" / "b" / "empty.jpg").write_bytes(b"")
+    data = ImageFolderDataModule(str(tmp_path), image_size=8, num_workers=0)
+    with pytest.raises(DataError) as error:
+        data.setup("fit")
+    message = str(error.value)
+    assert message.startswith("2 of 10 image files under")
+    for name in ("train/a/text.png", "val/b/empty.jpg"):
+        assert f"{tmp_path / name} (not an image file PIL can identify)" in message
+    assert "remove or replace them" in message
+    assert (data.train_set, data.val_set, data.test_set) == (None, None, None)
+
+
+def test_image_folder_skips_images_that_fail_to_decode_with_a_warning(tmp_path):
+    """A truncated image passes the header check and failed mid-training; now it is skipped
+    (its place taken by the next image of the same split), named and counted."""
+    write_image_folder(tmp_path, classes=("a", "b"), per_class=5)
+    data = ImageFolderDataModule(
+        str(tmp_path), image_size=8, batch_size=4, val_fraction=0.2, augment=False, num_workers=0
+    )
+    data.setup("fit")
+    broken = [data.train_set.dataset.samples[i][0] for i in data.train_set.indices[:2]]
+    for path in broken:
+        _truncate(Path(path))
+    with pytest.warns(UserWarning, match="skipped unreadable image") as caught:
+        labels = torch.cat([batch[1] for batch in data.train_dataloader()])
+    assert len(labels) == 8
+    messages = [str(w.message) for w in caught if "skipped unreadable" in str(w.message)]
+    assert len(messages) == 2
+    assert {m.split()[3] for m in messages} == set(broken)
+    assert messages[-1].split("; ")[-1].startswith("2 image(s) of")
+    assert data.skipped == sorted(broken)
+    folder, train = data.train_set.dataset, sorted(data.train_set.indices)
+    readable = [i for i in train if folder.samples[i][0] not in broken]
+    for position in data.train_set.indices[:2]:  # the next readable training image stands in
+        stand_in = next((i for i in readable if i > position), readable[0])
+        assert torch.equal(folder[position][0], folder[stand_in][0])
+
+
+def test_image_folder_counts_skipped_images_over_loader_workers(tmp_path):
+    write_image_folder(tmp_path / "train", classes=("a", "b"), per_class=3)
+    write_image_folder(tmp_path / "val", classes=("a", "b"), per_class=1)
+    _truncate(tmp_path / "train" / "a" / "1.png")
+    (tmp_path / "train" / "b" / "bad.png").write_text("not an image")
+    data = ImageFolderDataModule(
+        str(tmp_path), image_size=8, batch_size=2, num_workers=2, check_limit=0
+    )
+    data.setup("fit")  # check_limit=0: no file is opened at setup
+    assert sum(len(batch[1]) for batch in data.train_dataloader()) == 7
+    assert data.skipped == [str(tmp_path / "train/a/1.png"), str(tmp_path / "train/b/bad.png")]
+
+
+def test_image_folder_with_every_image_unreadable(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for name in ("a/0.png", "a/1.png", "b/0.png"):
+        (tmp_path / name).write_text("x")
+    data = ImageFolderDataModule(str(tmp_path), image_size=8, num_workers=0, check_limit=0)
+    data.setup("fit")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 3 images"):
+        data.train_set[0]
+    with pytest.raises(ValueError, match="check_limit must be >= 0"):
+        ImageFolderDataModule(str(tmp_path), check_limit=-1)

@@ -1,20 +1,27 @@
-"""Export a ResNet checkpoint as a neural ODE file (each residual stage solved by torchdiffeq)."""
+"""Export a ResNet checkpoint as a neural ODE file (each residual stage solved by torchdiffeq).
+
+The output path is checked before any work, and nothing is written unless the export's output
+on a random batch is finite.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import fields
 
-from resode_lightning.cli._common import output_change, torchvision_from_state_dict
-from resode_lightning.core.io import load_state_dict_file
+from resode_lightning.cli._common import add_max_classes, load_torchvision, output_change
+from resode_lightning.core.io import writable_target
 from resode_lightning.core.models import TORCHVISION_RESNETS
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.io import save_neural_ode
 from resode_lightning.export.options import ExportOptions
 
 HELP = "export a torchvision ResNet checkpoint as a neural ODE (torchdiffeq, adjoint/checkpoint)"
+MAX_SIZE = 1024
+"""The largest ``--size``: the check batch's activations grow with its square."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output file (written atomically)")
     add_option_arguments(parser)
     parser.add_argument(
-        "--size", type=int, default=64, help="image size of the random check batch (default 64)"
+        "--size",
+        type=int,
+        default=64,
+        help=f"image size of the random check batch, 1 to {MAX_SIZE} (default 64)",
     )
+    add_max_classes(parser)
 
 
 def add_option_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,9 +88,18 @@ def parse_steps(text: str | None) -> int | float | dict[str, int] | None:
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     options = options_from(args)
-    model = torchvision_from_state_dict(load_state_dict_file(args.weights), args.arch)
+    if not 1 <= args.size <= MAX_SIZE:
+        raise ValueError(f"--size must be between 1 and {MAX_SIZE} pixels, got {args.size}")
+    writable_target(args.out)
+    model, _ = load_torchvision(args.weights, args.arch, max_classes=args.max_classes)
     exported = export_neural_ode(model, options)
     change = output_change(model, exported, args.size)
+    if not math.isfinite(change):
+        raise ValueError(
+            f"the output check on a random batch is not finite (max relative change {change}): "
+            f"the checkpoint's model or its export overflows; nothing was written. Check the "
+            f"weights, or try another --method or --steps"
+        )
     save_neural_ode(exported, args.out)
     source_count = sum(p.numel() for p in model.parameters())
     export_count = sum(p.numel() for p in exported.parameters())

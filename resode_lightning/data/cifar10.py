@@ -64,15 +64,12 @@ def read_batch(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        content = _ArraysOnly(io.BytesIO(path.read_bytes()), encoding="bytes").load()
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        ValueError,
-        TypeError,
-        AttributeError,
-        IndexError,
-    ) as error:
+        data = path.read_bytes()
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror}); {HOW_TO_GET}") from None
+    try:
+        content = _ArraysOnly(io.BytesIO(data), encoding="bytes").load()
+    except Exception as error:  # pickle and numpy raise many types on damaged files
         raise DataError(
             f"{path} is not a readable CIFAR-10 batch ({error}); {HOW_TO_GET}"
         ) from None
@@ -96,7 +93,28 @@ def _images_and_labels(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             f"{path} lacks a 'data' array of shape (N, 3072) and 'labels'; it is not a CIFAR-10 "
             f"batch; {HOW_TO_GET}"
         )
-    labels = np.asarray(labels)
+    if data.dtype.kind not in "iu" or (
+        data.dtype != np.uint8 and data.size and (data.min() < 0 or data.max() > 255)
+    ):
+        found = f"dtype {data.dtype}" if data.dtype.kind not in "iu" else "values outside 0..255"
+        raise DataError(
+            f"{path}: 'data' holds {found}; CIFAR-10 pixels are integers 0..255 (uint8). The "
+            f"file is damaged or not a CIFAR-10 batch; {HOW_TO_GET}"
+        )
+    given = labels
+    try:
+        labels = np.asarray(given)
+    except ValueError:  # nested lists of different lengths
+        labels = None
+    if labels is None or labels.ndim != 1 or labels.dtype.kind not in "iu":
+        flat = labels is not None and labels.ndim == 1
+        found = (
+            f"dtype {labels.dtype}" if flat else f"a {type(given).__name__} that is not a flat list"
+        )
+        raise DataError(
+            f"{path}: 'labels' must be a list of integers 0..9, found {found}; the file is "
+            f"damaged or not a CIFAR-10 batch; {HOW_TO_GET}"
+        )
     if len(labels) != len(data) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
         raise DataError(
             f"{path}: {len(data)} images but {len(labels)} labels in 0..9; {HOW_TO_GET}"
@@ -175,8 +193,11 @@ class CIFAR10DataModule(ImageDataModule):
     @property
     def classes(self) -> list[str]:
         """The class names from ``batches.meta`` (``airplane`` … ``truck``)."""
-        meta = read_batch(self.batch_dir / META_FILE)
-        return [n.decode() if isinstance(n, bytes) else n for n in meta.get("label_names", [])]
+        path = self.batch_dir / META_FILE
+        names = read_batch(path).get("label_names", [])
+        if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
+            raise DataError(f"{path}: 'label_names' is not a list of names; {HOW_TO_GET}")
+        return [n.decode("latin1") if isinstance(n, bytes) else n for n in names]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
