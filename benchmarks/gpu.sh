@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one go (about 8 minutes on one H200): the CUDA tests, then the
-# monitor overhead, memory, speed and depth benchmarks with --device cuda. Each benchmark
-# writes its own results/*_cuda.* files; this script also writes results/gpu.md, the log of
-# the whole run, for the README.
+# Every GPU measurement in one go, at most 7.5 minutes (the sum of the steps' time limits)
+# on one H200: the CUDA tests, then with --device cuda the SmoothnessMonitor overhead, peak
+# memory against steps (torch.cuda.max_memory_allocated; recursive and checkpoint targets),
+# inference latency of the export against the source (resnet50, resnet152, ode_resnet; 224x224,
+# batch 64), the adjoint's gradient error and memory, and depth-flexible inference. Each
+# benchmark writes its own results/*_cuda.* files; this script also writes results/gpu.md, the
+# log of the whole run (the last 40 lines of each step's output), for the README.
 #
 #   bash benchmarks/gpu.sh            # uses .venv/bin/python when present, else python3
 set -uo pipefail
@@ -32,9 +35,12 @@ run() {  # run NAME TIMEOUT_S COMMAND...: one step, its output appended to the l
   echo
 } >"$LOG"
 
-run "CUDA tests" 90 "$PY" -m pytest -q -p no:xdist -p no:cacheprovider -k "cuda or gpu" tests
-run "SmoothnessMonitor overhead (resnet50, batch 32, 224x224)" 150 "$PY" benchmarks/monitor_overhead.py --device cuda
-run "Peak memory vs steps" 120 "$PY" benchmarks/memory.py --device cuda --width 64 --size 32 --batch 32
-run "Inference speed: exported neural ODE vs source" 90 "$PY" benchmarks/speed.py --device cuda --size 224 --batch 64
-run "Depth-flexible inference on digits" 120 "$PY" benchmarks/depth.py --device cuda
+# time limits in seconds: 45 + 75 + 80 + 80 + 60 + 110 = 450
+run "CUDA tests" 45 "$PY" -m pytest -q -p no:xdist -p no:cacheprovider -k "cuda or gpu" tests
+run "SmoothnessMonitor overhead (resnet50, batch 32, 224x224)" 75 "$PY" benchmarks/monitor_overhead.py --device cuda
+run "Peak memory vs steps (width 64, 32x32, batch 32)" 80 "$PY" benchmarks/memory.py --device cuda --width 64 --size 32 --batch 32
+run "Inference latency: exported neural ODE vs source (224x224, batch 64)" 80 "$PY" benchmarks/speed.py --device cuda --size 224 --batch 64
+run "Adjoint gradient error and memory" 60 "$PY" benchmarks/adjoint.py --device cuda
+run "Depth-flexible inference on digits" 110 "$PY" benchmarks/depth.py --device cuda
+echo "total $SECONDS s" | tee -a "$LOG"
 echo "wrote $LOG"

@@ -22,7 +22,10 @@ only), after ``malloc_trim(0)`` has returned glibc's free heap pages, so that ev
 step touches shows. Large blocks should be returned to the system as soon as they are freed:
 run with ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (``resode bench`` and
 ``benchmarks/memory.py`` set it) and one thread (``torch.set_num_threads(1)``). The CPU figure
-is a proxy: it also counts allocator fragmentation, to a few pages.
+is a proxy: it also counts allocator fragmentation. A heap fragmented by earlier, larger
+measurements inflates later ones (up to 2x measured at 4 to 64 steps after 256), so on CPU
+:func:`memory_benchmark` measures each mode and number of steps in a forked child of the
+calling process (:func:`in_fresh_process`), which starts from the same heap every time.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import multiprocessing
 import os
 import re
 import statistics
@@ -37,7 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +66,7 @@ RECURSIVE_CHECKPOINTS = 4
 """Stored states of the ``recursive`` mode."""
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 """Environment under which the CPU memory proxy counts every tensor (see the module docstring)."""
+T = TypeVar("T")
 
 
 class _BlockCheckpoint(nn.Module):
@@ -162,6 +167,26 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
     return _proc_bytes("VmHWM") - before
 
 
+def in_fresh_process(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``function(*args, **kwargs)`` run in a forked child process; returns its result.
+
+    The child starts from this process's heap, untouched by the measurements made in other
+    children. CPU only (a forked child cannot use CUDA); Linux, like the CPU memory proxy.
+    """
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(function, args, kwargs)
+
+
+def _measure_cell(
+    mode: str, steps: int, width: int, depth: int, x: Tensor, repeats: int
+) -> dict[str, Any]:
+    torch.manual_seed(0)
+    module = stage_module(mode, steps, width, depth).to(x.device)
+    result = measure_step(module, x, repeats=repeats)
+    parameters = sum(p.numel() for p in module.parameters())
+    return {"mode": mode, "steps": steps, "parameters": parameters, **result}
+
+
 def measure_step(
     module: nn.Module, x: Tensor, *, repeats: int = 3, warmup: int = 1
 ) -> dict[str, float]:
@@ -204,7 +229,11 @@ def memory_benchmark(
     repeats: int = 3,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure every mode at every number of steps; returns rows plus the summary ratios."""
+    """Measure every mode at every number of steps; returns rows plus the summary ratios.
+
+    On CPU each mode and number of steps is measured in its own forked child process (see the
+    module docstring).
+    """
     device = torch.device(device)
     if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
         raise ValueError(
@@ -215,17 +244,18 @@ def memory_benchmark(
     rows = []
     for mode in modes:
         for count in steps:
-            torch.manual_seed(0)
-            module = stage_module(mode, count, width, depth).to(device)
-            result = measure_step(module, x, repeats=repeats)
-            parameters = sum(p.numel() for p in module.parameters())
-            rows.append({"mode": mode, "steps": count, "parameters": parameters, **result})
+            cell = (mode, count, width, depth, x, repeats)
+            row = (
+                _measure_cell(*cell)
+                if device.type == "cuda"
+                else in_fresh_process(_measure_cell, *cell)
+            )
+            rows.append(row)
             if log is not None:
                 log(
-                    f"{mode:>20} {count:>4} steps: {result['peak_bytes'] / 2**20:8.2f} MiB "
-                    f"{result['seconds'] * 1e3:9.2f} ms"
+                    f"{mode:>20} {count:>4} steps: {row['peak_bytes'] / 2**20:8.2f} MiB "
+                    f"{row['seconds'] * 1e3:9.2f} ms"
                 )
-            del module
     state_bytes = x.numel() * x.element_size()
     return {
         "device": str(device),
