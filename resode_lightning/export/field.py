@@ -81,10 +81,15 @@ class WeightPath(nn.Module):
         """The knot tensors (parameters and buffers) and the knot times."""
         return [*(self.knots(name) for name in self.names), self.times]
 
-    def at(self, times: Sequence[float]) -> list[dict[str, Tensor]]:
+    def at(
+        self, times: Sequence[float], knot_times: Sequence[float] | None = None
+    ) -> list[dict[str, Tensor]]:
         """``{name: θ_name(t)}`` at each host time ``t``: a knot's own tensors (views) on a knot,
-        else their interpolation, computed once per distinct time."""
-        knots = self.times.tolist()
+        else their interpolation, computed once per distinct time.
+
+        ``knot_times``: :attr:`times` already read on the host (else read here, a host sync).
+        """
+        knots = list(knot_times) if knot_times is not None else self.times.tolist()
         tolerance = 1e-6 * (knots[-1] - knots[0])
         computed: dict[tuple[int, float], dict[str, Tensor]] = {}
         result = []

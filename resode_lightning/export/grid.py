@@ -40,50 +40,81 @@ class FieldOnGrid:
         self.method = method
         self.steps = steps
         self.step_size = 0.0
+        self._per_step = len(GRID_METHODS[method])
         self._times: list[float] = []
+        self._knot_times: list[float] = []
         self._horizon_key: tuple | None = None
         self._weights_key: tuple | None = None
         self._modules: list[nn.Module] = []
+        self._slots: list[nn.Module] = []
+        self._per_step_binding = False
 
     def bind(self, horizon: Tensor) -> None:
-        """Materialise the weights at every evaluation time, unless they are current.
+        """Prepare the weights for a solve.
 
-        Reads ``horizon`` on the host only when it changed (a load), never per step.
+        Without gradients, the weights at every evaluation time are materialised once and kept
+        while the parameters keep their version. With gradients, each step binds its own
+        weights when it runs (:meth:`step`), so that a checkpointed step recomputes them instead
+        of keeping them alive until backward. ``horizon`` and the knot times are read on the
+        host only when they change (a load), never per step.
         """
-        horizon_key = (id(horizon), horizon._version, horizon.data_ptr())
+        horizon_key = (
+            id(horizon),
+            horizon._version,
+            horizon.data_ptr(),
+            self.field.path.times._version,
+            self.field.path.times.data_ptr(),
+        )
         if horizon_key != self._horizon_key:
             self.step_size = horizon.item() / self.steps
             fractions = GRID_METHODS[self.method]
             self._times = [(k + f) * self.step_size for k in range(self.steps) for f in fractions]
+            self._knot_times = self.field.path.times.tolist()
             self._horizon_key, self._weights_key = horizon_key, None
         tensors = self.field.path.tensors()
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        self._per_step_binding = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if self._per_step_binding:
+            if not self._slots:
+                self._slots = [self.field.branch_module() for _ in range(self._per_step)]
+            self._weights_key = None
+            return
         key = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
-        if not grad and key == self._weights_key:
+        if key == self._weights_key:
             return
         if len(self._modules) != len(self._times):
             self._modules = [self.field.branch_module() for _ in self._times]
-        for module, weights in zip(self._modules, self.field.path.at(self._times)):
+        for module, weights in zip(self._modules, self._weights(self._times)):
             self.field.bind(module, weights)
-        self._weights_key = None if grad else key
+        self._weights_key = key
 
-    def branch(self, index: int) -> Callable[[Tensor], Tensor]:
-        """``x -> F(t_index, x)``: the unprojected field at evaluation time ``index``."""
-        module, scale = self._modules[index], self.field.scale
+    def _weights(self, times: list[float]) -> list[dict[str, Tensor]]:
+        return self.field.path.at(times, self._knot_times)
+
+    def _branches(self, k: int) -> list[Callable[[Tensor], Tensor]]:
+        """``x -> F(t, x)`` at each evaluation time of step ``k``: the unprojected field."""
+        first = self._per_step * k
+        if self._per_step_binding:
+            modules = self._slots
+            times = self._times[first : first + self._per_step]
+            for module, weights in zip(modules, self._weights(times)):
+                self.field.bind(module, weights)
+        else:
+            modules = self._modules[first : first + self._per_step]
+        scale = self.field.scale
         if scale == 1.0:
-            return module
-        return lambda x: module(x) * scale
+            return modules
+        return [lambda x, module=module: module(x) * scale for module in modules]
 
     def step(self, k: int, x: Tensor) -> Tensor:
         """The state after step ``k`` from ``x``."""
         h, post = self.step_size, self.field.post
-        first = len(GRID_METHODS[self.method]) * k
+        branches = self._branches(k)
         if self.method == "euler":
-            out = x + h * self.branch(first)(x)
+            out = x + h * branches[0](x)
             return post(out) if post is not None else out
 
         def func(index: int, y: Tensor) -> Tensor:
-            value = self.branch(first + index)(y)
+            value = branches[index](y)
             return value if post is None else (post(y + h * value) - y) / h
 
         k1 = func(0, x)
