@@ -9,7 +9,8 @@ first ``m`` are recomputed and reversed with ``s`` slots. The number of recomput
 
 and the split minimising it is Griewank's binomial (revolve) schedule: with ``s`` slots and
 ``r`` recomputation sweeps, up to ``C(s + r, s)`` steps can be reversed. The gradient is
-backprop's, since the same operations are recomputed. Non-reentrant checkpoints nest.
+backprop's, since the same operations are recomputed. The segments are reentrant checkpoints
+(they nest): each leaves one autograd node, so what backward keeps does not grow with the steps.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import math
 from collections.abc import Callable
 from functools import cache
 
+import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -54,6 +56,9 @@ def binomial_checkpoint(step: Step, x: Tensor, steps: int, checkpoints: int) -> 
     """``step(steps - 1, … step(1, step(0, x)))``, keeping at most ``checkpoints`` states
     (the input included) plus one step's activations for backward.
 
+    The segments are reentrant checkpoints, so gradients reach the parameters through
+    ``.backward()``; ``torch.autograd.grad`` is not supported through them.
+
     Args:
         step: ``step(k, x)``: the state after step ``k`` from ``x``.
         x: the initial state.
@@ -65,14 +70,21 @@ def binomial_checkpoint(step: Step, x: Tensor, steps: int, checkpoints: int) -> 
     for slots in range(checkpoints):  # fill the table bottom-up: no deep recursion
         for n in range(1, steps + 1):
             _plan(n, slots)
-    return _reverse(step, x, 0, steps, checkpoints - 1)
+    anchor = torch.empty(0, requires_grad=True)  # the segments' output requires grad
+    return _reverse(step, x, anchor, 0, steps, checkpoints - 1)
 
 
-def _reverse(step: Step, x: Tensor, start: int, count: int, slots: int) -> Tensor:
+def _reverse(step: Step, x: Tensor, anchor: Tensor, start: int, count: int, slots: int) -> Tensor:
+    """Reentrant checkpoints: a segment leaves one autograd node, not one per operation, so
+    the bookkeeping kept until backward does not grow with the steps either."""
     if count == 1:
         return step(start, x)
     split = _plan(count, slots)[1]
     middle = checkpoint(
-        _reverse, step, x, start, split, slots, use_reentrant=False, preserve_rng_state=False
+        _segment, step, x, anchor, start, split, slots, use_reentrant=True, preserve_rng_state=False
     )
-    return _reverse(step, middle, start + split, count - split, max(slots - 1, 0))
+    return _reverse(step, middle, anchor, start + split, count - split, max(slots - 1, 0))
+
+
+def _segment(step: Step, x: Tensor, anchor: Tensor, start: int, count: int, slots: int) -> Tensor:
+    return _reverse(step, x, anchor, start, count, slots) + anchor.sum()
