@@ -23,7 +23,7 @@ from resode_lightning import (
     to_ode_form,
 )
 from resode_lightning.cli import main as resode
-from resode_lightning.core.coarse import coarse_grid, coarse_steps
+from resode_lightning.core.coarse import BatchStatistics, coarse_grid, coarse_steps
 from resode_lightning.core.io import CheckpointError
 from resode_lightning.core.models import PreActBlock, randomize_norms
 from resode_lightning.export.anytime import (
@@ -195,38 +195,51 @@ def test_coarse_steps_on_a_post_activation_torchvision_stage():
         pass
 
 
-def test_coarse_steps_train_blended_weights_with_full_depth_statistics():
-    net = _net(depths=(8,), widths=(4,)).train()
-    twin = copy.deepcopy(net)
-    stage = find_stages(net)[0]
-    blocks = stage.blocks
-    buffers = [b.bn1.running_mean for b in blocks]
-    x = torch.randn(4, 3, 16, 16)
-    with coarse_steps(stage, 3):  # steps start on blocks 0, 2 (+2/3) and 5 (+1/3)
-        out = net(x)
-    out.square().mean().backward()
+def test_coarse_steps_train_the_blocks_a_step_starts_on_with_interpolated_weights():
+    net = _net(depths=(8,), widths=(4,))
+    blocks = find_stages(net)[0].blocks
+    with coarse_steps(find_stages(net)[0], 3):  # steps start on blocks 0, 2 (+2/3), 5 (+1/3)
+        net(torch.randn(4, 3, 16, 16)).square().mean().backward()
     grads = [b.conv1.weight.grad for b in blocks]
     assert [g is not None for g in grads] == [True, False, True, True, False, True, True, False]
-    # the running statistics move as in a full-depth batch, and stay the same tensors
-    twin(x)
-    for block, original, reference in zip(blocks, buffers, find_stages(twin)[0].blocks):
-        assert block.bn1.running_mean is original and block.bn1.training
-        torch.testing.assert_close(block.bn1.running_mean, reference.bn1.running_mean)
-    # the fewer steps normalise with that full-depth batch's statistics
-    statistics = {}
+    twin = _net(depths=(8,), widths=(4,))
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with coarse_steps(find_stages(twin)[0], 3):
+        out = twin(x)
+    (weight,) = torch.autograd.grad(out.sum(), find_stages(twin)[0].blocks[3].conv1.weight)
+    assert weight.abs().sum() > 0  # block 3 only enters through the interpolation at 2 + 2/3
 
-    def record(norm, args, output):
-        statistics[norm] = (args[0].mean((0, 2, 3)), args[0].var((0, 2, 3), unbiased=False))
 
-    hooks = [b.bn1.register_forward_hook(record) for b in find_stages(twin)[0].blocks]
-    twin(x)
-    for hook in hooks:
-        hook.remove()
-    for norm, (mean, var) in statistics.items():  # the stem's norm keeps batch statistics
-        norm.running_mean, norm.running_var = mean, var
+def test_fewer_steps_normalise_with_the_full_depth_statistics_of_the_batch():
+    net = _net(depths=(8,), widths=(4,)).train()
+    stage = find_stages(net)[0]
+    norms = [m for b in stage.blocks for m in b.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x = torch.randn(4, 3, 16, 16)
+    with BatchStatistics(norms) as statistics:
+        net(x)  # full depth: batch statistics, recorded, running statistics updated
+    recorded = dict(statistics.values)
+    running = [(n.running_mean.clone(), n.running_var.clone()) for n in norms]
+    with coarse_steps(stage, 3, statistics.values):
+        out = net(x)
+    assert all(n.training for n in norms)
+    for norm, (mean, var) in zip(norms, running):  # the fewer steps update nothing
+        assert torch.equal(norm.running_mean, mean) and torch.equal(norm.running_var, var)
+    # differentiable in the statistics: the gradient reaches blocks no step starts on
+    out.square().mean().backward()
+    assert stage.blocks[1].conv1.weight.grad.abs().sum() > 0
+    # what the fewer steps compute: the eval-mode stage with those statistics as running ones
+    twin = copy.deepcopy(net)
+    twins = [m for b in find_stages(twin)[0].blocks for m in b.modules()]
+    twins = [m for m in twins if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm, original in zip(twins, norms):  # the stem's norm keeps batch statistics
+        norm.running_mean, norm.running_var = (v.detach() for v in recorded[original])
         norm.eval()
     with torch.no_grad(), coarse_steps(find_stages(twin)[0], 3):
-        torch.testing.assert_close(out.detach(), twin(x))
+        torch.testing.assert_close(twin(x), out.detach())
+    net(x)  # outside the with block nothing is recorded
+    assert all(statistics.values[n] is recorded[n] for n in norms)
+    with pytest.raises(ValueError, match="affine"):
+        BatchStatistics([torch.nn.BatchNorm2d(4, affine=False)])
 
 
 class _CountBlocks(Callback):
@@ -272,11 +285,12 @@ def test_depth_sampling_runs_each_batch_at_its_drawn_count_and_keeps_bn_as_desig
     sampling = DepthSampling(steps=(1.0, 0.5, 0.25), seed=3)
     counter = _CountBlocks()
     module = _fit([sampling, counter], steps=12)
-    draws = [[8, 4, 2][random.Random(f"3:0:{i}").choices(range(3))[0]] for i in range(12)]
-    assert counter.calls == draws and set(draws) == {8, 4, 2}
-    assert all(counter.moved)  # fewer-step batches measure full-depth statistics too
+    draws = [8 + [8, 4, 2][random.Random(f"3:0:{i}").choices([1, 2])[0]] for i in range(12)]
+    assert counter.calls == draws and set(draws) == {8 + 4, 8 + 2}
+    assert all(counter.moved)  # the full-depth pass of every batch
     stage = find_stages(module)[0]
     assert all(isinstance(b, PreActBlock) and b.step == 1 / 8 for b in stage.blocks)
+    assert "training_step" not in module.__dict__  # the module's own step again
     pickle.loads(pickle.dumps(sampling))
 
 

@@ -1,56 +1,67 @@
 """Depth sampling
 ==============
 
-Trains one set of weights to be right at every number of steps: each training batch runs the
-residual stages at a step count drawn from a set.
+Trains one set of weights to be right at every number of steps: every training batch runs at
+full depth and at a step count drawn from a set (the sandwich rule of slimmable networks).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
-from resode_lightning.core.coarse import check_coarse, coarse_steps
+from resode_lightning.core.coarse import BatchStatistics, check_coarse, coarse_steps
 from resode_lightning.core.stages import Stage, find_stages
 
 
 class DepthSampling(Callback):
-    r"""Run every residual stage at a step count drawn per training batch from ``steps``.
+    r"""Train every batch at full depth and at a step count drawn from ``steps``.
 
     A stage of ``L`` blocks in ODE form is the Euler discretisation of a field whose weights
-    follow the path through its blocks; drawn ``n < L`` steps, the stage computes the Euler
-    steps of that path at ``n`` steps (:func:`~resode_lightning.core.coarse.coarse_steps`):
-    the blocks a step starts on run with step ``horizon / n`` (weights interpolated between
-    neighbours when a step starts between blocks, differentiably), the others are skipped. The
-    export then runs at any of these step counts with
-    :func:`~resode_lightning.export.anytime.set_steps` and computes what was trained.
+    follow the path through its blocks. Every training batch runs the module's own
+    ``training_step`` twice: at full depth, then with every stage at ``n < L`` Euler steps of
+    that path (:func:`~resode_lightning.core.coarse.coarse_steps`: the blocks a step starts on
+    run with step ``horizon / n``, weights interpolated differentiably between neighbours when
+    a step starts between blocks, the others skipped), ``n`` drawn per batch from ``steps``;
+    the two losses are summed. The full-depth pass on every batch keeps full-depth accuracy,
+    which training at one drawn count per batch loses. The export then runs at each of these
+    counts with :func:`~resode_lightning.export.anytime.set_steps` and computes what was
+    trained.
 
-    BatchNorm: full-depth batches normalise with batch statistics and update the running
-    statistics as usual; fewer-step batches normalise with those running statistics and leave
-    them unchanged, so every step count trains with the normalisation the exported field
-    folds in, one set of statistics for all of them. Validation runs at full depth.
+    BatchNorm: the full-depth pass normalises with batch statistics and updates the running
+    statistics as usual; the fewer-step pass normalises block by block with the statistics of
+    the full-depth pass on the same batch, differentiably (so it keeps BatchNorm's invariance
+    to the scale of the weights), and updates nothing. Every step count is thus trained with
+    full-depth statistics, the only ones the exported field folds in: one set of running
+    statistics serves all of them, with no recalibration.
 
     The draw is one fraction for all stages per batch, from a generator seeded by ``seed``, the
-    epoch and the batch index (reproducible, the same on every rank, resumable). Skipped blocks
-    get no gradient: under DDP use ``strategy="ddp_find_unused_parameters_true"``. Stages must be
-    in ODE form by the time fitting starts (``ODEForm`` before this callback, or an
-    ``ode_resnet``).
+    epoch and the batch index (reproducible, the same on every rank, resumable). What the second
+    call of ``training_step`` logs is dropped (logged values are the full-depth pass's); metric
+    objects it updates see both passes. Stages must be in ODE form when fitting starts
+    (``ODEForm`` before this callback, or an ``ode_resnet``), with affine BatchNorms if any.
+    Automatic optimisation only.
 
     Args:
-        steps: the step counts drawn from: fractions of each stage's depth in ``(0, 1]``
-            (``n = max(1, round(f * L))``) or ints (at most the shallowest stage's depth).
-        weights: relative probabilities of ``steps`` (default: uniform).
+        steps: step counts: fractions of each stage's depth in ``(0, 1]``
+            (``n = max(1, round(f * L))``) or ints (at most the shallowest stage's depth). Full
+            depth runs on every batch; the others are drawn from.
+        weights: relative probabilities of ``steps`` in the draw (default: uniform; the entries
+            at full depth are ignored).
         seed: seed of the draws.
 
     Raises:
         ValueError: at construction, for empty or invalid ``steps`` or ``weights``; when fitting
-            starts, when the module holds no residual stage, a stage is not in ODE form or its
-            step cannot be changed, or an int step count exceeds a stage's depth.
+            starts, for manual optimisation, a module without residual stages, a stage not in
+            ODE form or whose step cannot be changed, a non-affine BatchNorm in a stage, or an
+            int step count above a stage's depth.
 
     Example::
 
@@ -87,14 +98,30 @@ class DepthSampling(Callback):
         self.weights = weights
         self.seed = seed
         self._stages: list[Stage] = []
-        self._active = ExitStack()
+        self._statistics: BatchStatistics | None = None
 
     def counts(self, stage: Stage) -> list[int]:
         """The step counts of ``steps`` for ``stage``."""
         return [s if isinstance(s, int) else max(1, round(s * stage.depth)) for s in self.steps]
 
+    def draw(self, epoch: int, batch_idx: int) -> int | None:
+        """The index in ``steps`` drawn for a batch (``None``: every entry is full depth)."""
+        depths = [stage.depth for stage in self._stages]
+        candidates = [
+            i
+            for i in range(len(self.steps))
+            if any(self.counts(stage)[i] < depth for stage, depth in zip(self._stages, depths))
+            and (self.weights is None or self.weights[i] > 0)
+        ]
+        if not candidates:
+            return None
+        weights = None if self.weights is None else [self.weights[i] for i in candidates]
+        return random.Random(f"{self.seed}:{epoch}:{batch_idx}").choices(candidates, weights)[0]
+
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError("DepthSampling needs automatic optimisation (two losses per batch)")
         try:
             stages = find_stages(pl_module)
         except ValueError as error:
@@ -107,41 +134,61 @@ class DepthSampling(Callback):
                     f"DepthSampling: steps {too_deep} exceed the depth {stage.depth} of stage "
                     f"{stage.name!r}; give fractions, or ints up to the shallowest stage's depth"
                 )
+        norms = [m for s in stages for b in s.blocks for m in b.modules()]
+        self._statistics = BatchStatistics([m for m in norms if isinstance(m, _BatchNorm)])
         self._stages = stages
+        sandwich = _Sandwich(pl_module.training_step, self, trainer, pl_module)
 
-    @override
-    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        self._restore()
-        draw = random.Random(f"{self.seed}:{trainer.current_epoch}:{batch_idx}")
-        index = draw.choices(range(len(self.steps)), weights=self.weights)[0]
-        for stage in self._stages:
-            self._active.enter_context(coarse_steps(stage, self.counts(stage)[index]))
+        def training_step(batch: Any, batch_idx: int, *args: Any) -> Any:
+            return sandwich(batch, batch_idx, *args)
 
-    @override
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
-        # the forward is done: other callbacks see the stages as they are
-        self._restore()
-
-    @override
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._restore()
-
-    @override
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self._restore()
+        training_step.sandwich = sandwich  # type: ignore[attr-defined]
+        pl_module.training_step = training_step
 
     @override
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._restore()
-        self._stages = []
-
-    def _restore(self) -> None:
-        self._active.close()
+        if hasattr(pl_module.__dict__.get("training_step"), "sandwich"):
+            del pl_module.training_step
+        self._stages, self._statistics = [], None
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_stages"], state["_active"] = [], ExitStack()
-        return state
+        return {**self.__dict__, "_stages": [], "_statistics": None}
+
+
+class _Sandwich:
+    """``training_step`` at full depth plus ``training_step`` at the drawn step count."""
+
+    def __init__(
+        self, step: Callable[..., Any], sampling: DepthSampling, trainer: Any, module: nn.Module
+    ) -> None:
+        self.step, self.sampling, self.trainer, self.module = step, sampling, trainer, module
+
+    def __call__(self, batch: Any, batch_idx: int, *args: Any) -> Any:
+        sampling = self.sampling
+        with sampling._statistics as statistics:
+            full = self.step(batch, batch_idx, *args)
+        index = sampling.draw(self.trainer.current_epoch, batch_idx)
+        if full is None or index is None:
+            return full
+        with ExitStack() as stack:
+            for stage in sampling._stages:
+                count = sampling.counts(stage)[index]
+                stack.enter_context(coarse_steps(stage, count, statistics.values))
+            self.module.log = self.module.log_dict = _ignore  # the full-depth pass's logs stay
+            try:
+                coarse = self.step(batch, batch_idx, *args)
+            finally:
+                del self.module.log, self.module.log_dict
+        statistics.values = {}
+        if coarse is None:
+            return full
+        if isinstance(full, dict):
+            return {**full, "loss": full["loss"] + coarse["loss"]}
+        return full + coarse
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """Stands for ``LightningModule.log`` in the fewer-step pass."""
 
 
 def _valid_step(step: object) -> bool:

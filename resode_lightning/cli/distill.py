@@ -52,14 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_step,
         nargs="+",
         default=[1.0, 0.5, 0.25],
-        help="step counts drawn per batch: fractions of each stage's depth or ints",
+        help="step counts trained on every batch: fractions of each stage's depth or ints",
     )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--knots", type=int, help="fit each stage's path at this many knots first")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--label-weight", type=float, default=0.5)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and draws")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
@@ -86,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
         checkpoint=checkpoint,
         device=args.device,
         progress=args.progress,
-        seed=args.seed,
     )
     save_neural_ode(model, args.out)
     rows = accuracy_vs_steps(

@@ -7,7 +7,7 @@ step ``j`` starts at ``s_j = j * horizon / n``, which falls in ``[t_k, t_{k+1})`
 block ``k``: that block computes ``P(x + (horizon / n) F(θ(s_j), x))``, with ``θ(s_j)``
 interpolated between block ``k`` and block ``k + 1``, and the other blocks are skipped. This is
 the Euler step the export takes at ``n`` steps, computed by the blocks themselves, so gradients
-reach their parameters and nothing is copied when ``n`` divides ``L`` (every step on a block).
+reach their parameters; weights are interpolated only where a step starts between blocks.
 """
 
 from __future__ import annotations
@@ -44,6 +44,53 @@ def coarse_grid(depth: int, steps: int) -> list[float | None]:
     return offsets
 
 
+Statistics = dict[nn.Module, tuple[Tensor, Tensor]]
+"""``{norm: (mean, variance)}``: the batch statistics a BatchNorm normalised a batch with."""
+
+
+class BatchStatistics:
+    """Inside the ``with`` block, records per BatchNorm the batch statistics it normalises with.
+
+    A forward hook on each norm in training mode keeps the mean and the (biased) variance of its
+    input as tensors in the autograd graph, so that a pass normalising with them is
+    differentiable in them, as a BatchNorm is in its batch statistics. The hooks are removed
+    when the block ends; :attr:`values` stays.
+
+    Args:
+        norms: the BatchNorm layers to watch (affine, with running statistics).
+
+    Raises:
+        ValueError: a norm without affine parameters or running statistics.
+    """
+
+    def __init__(self, norms: list[_BatchNorm]) -> None:
+        odd = [n for n in norms if n.weight is None or n.running_mean is None]
+        if odd:
+            raise ValueError(
+                f"{type(odd[0]).__name__} without affine parameters or running statistics in a "
+                f"stage: fewer steps cannot normalise with full-depth statistics"
+            )
+        self.norms = norms
+        self.values: Statistics = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> BatchStatistics:
+        self.values = {}
+        self._handles = [norm.register_forward_hook(self._record) for norm in self.norms]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, norm: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if norm.training:
+            x = args[0]
+            dims = [d for d in range(x.dim()) if d != 1]
+            self.values[norm] = (x.mean(dims), x.var(dims, unbiased=False))
+
+
 class _Skip(nn.Module):
     """The place of a block no step starts in: the identity (the block is kept, unused)."""
 
@@ -55,79 +102,72 @@ class _Skip(nn.Module):
         return x
 
 
-def _blend(block: nn.Module, following: nn.Module, weight: float, x: Tensor) -> Tensor:
-    """``block`` applied to ``x`` with every floating tensor (parameters and buffers)
-    interpolated towards ``following``'s by ``weight``, differentiably in both."""
+def _step(
+    block: nn.Module,
+    following: nn.Module,
+    weight: float,
+    statistics: Statistics | None,
+    x: Tensor,
+) -> Tensor:
+    """``block`` applied to ``x`` with every floating tensor interpolated towards
+    ``following``'s by ``weight`` (differentiably in both), its BatchNorms normalising with
+    their ``statistics`` (interpolated alike) where recorded, else with their running ones."""
+    if weight == 0 and not statistics:
+        return block(x)
     theirs = dict(following.named_parameters()) | dict(following.named_buffers())
     tensors = {
-        name: torch.lerp(tensor, theirs[name], weight)
+        name: torch.lerp(tensor, theirs[name], weight) if weight else tensor
         for name, tensor in [*block.named_parameters(), *block.named_buffers()]
         if tensor.is_floating_point()
     }
+    if statistics is not None:
+        others = dict(following.named_modules())
+        for name, norm in block.named_modules():
+            if norm in statistics:
+                prefix = f"{name}." if name else ""
+                (mean, var), (mean1, var1) = statistics[norm], statistics[others[name]]
+                if weight:
+                    mean, var = torch.lerp(mean, mean1, weight), torch.lerp(var, var1, weight)
+                # the norm in eval mode with zero mean and unit variance is its affine map
+                scale = tensors[f"{prefix}weight"] * torch.rsqrt(var + norm.eps)
+                tensors[f"{prefix}bias"] = tensors[f"{prefix}bias"] - mean * scale
+                tensors[f"{prefix}weight"] = scale
+                tensors[f"{prefix}running_mean"] = torch.zeros_like(mean)
+                tensors[f"{prefix}running_var"] = torch.full_like(var, 1.0 - norm.eps)
     return functional_call(block, tensors, (x,))
-
-
-class _Statistics:
-    """Forward hook recording the batch mean and (biased) variance a BatchNorm normalises with."""
-
-    def __init__(self) -> None:
-        self.values: dict[nn.Module, tuple[Tensor, Tensor]] = {}
-
-    def __call__(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        x = args[0]
-        dims = [d for d in range(x.dim()) if d != 1]
-        self.values[module] = (x.mean(dims), x.var(dims, unbiased=False))
 
 
 class _CoarseStage(nn.Module):
     """In the place of a stage's first block: the whole stage at fewer steps (see
     :func:`coarse_steps`); the other blocks' places hold :class:`_Skip`."""
 
-    def __init__(self, stage: Stage, steps: int) -> None:
+    def __init__(self, stage: Stage, steps: int, statistics: Statistics | None) -> None:
         super().__init__()
         self.first = stage.blocks[0]
         object.__setattr__(self, "stage", stage)
         object.__setattr__(self, "blocks", stage.blocks)
+        object.__setattr__(self, "statistics", statistics)
         self.steps = steps
         self.offsets = coarse_grid(stage.depth, steps)
 
     def forward(self, x: Tensor) -> Tensor:
         norms = [m for b in self.blocks for m in b.modules() if isinstance(m, _BatchNorm)]
         modes = [norm.training for norm in norms]
-        saved = [(norm.running_mean, norm.running_var) for norm in norms]
         adapter, step = self.stage.adapter, (self.stage.horizon or 1.0) / self.steps
         try:
-            if any(modes):
-                self._use_full_depth_statistics(x, norms)
             for norm in norms:
                 norm.train(False)
             for k, (block, offset) in enumerate(zip(self.blocks, self.offsets)):
-                if offset is None:
-                    continue
-                set_block_step(block, adapter, step)
-                x = block(x) if offset == 0 else _blend(block, self.blocks[k + 1], offset, x)
+                if offset is not None:
+                    set_block_step(block, adapter, step)
+                    following = self.blocks[k + 1] if offset else block
+                    x = _step(block, following, offset, self.statistics, x)
         finally:
             for block in self.blocks:
                 set_block_step(block, adapter, self.stage.step)
-            for norm, mode, (mean, var) in zip(norms, modes, saved):
+            for norm, mode in zip(norms, modes):
                 norm.train(mode)
-                norm.running_mean, norm.running_var = mean, var
         return x
-
-    @torch.no_grad()
-    def _use_full_depth_statistics(self, x: Tensor, norms: list[_BatchNorm]) -> None:
-        """Run the stage at full depth on ``x`` (updating the running statistics as a training
-        batch does) and make its batch statistics the ones each norm normalises with."""
-        recorder = _Statistics()
-        handles = [norm.register_forward_hook(recorder) for norm in norms]
-        try:
-            for block in self.blocks:
-                x = block(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for norm in norms:
-            norm.running_mean, norm.running_var = recorder.values[norm]
 
 
 def check_coarse(stage: Stage) -> None:
@@ -147,14 +187,13 @@ def check_coarse(stage: Stage) -> None:
 
 
 @contextmanager
-def coarse_steps(stage: Stage, steps: int) -> Iterator[None]:
+def coarse_steps(stage: Stage, steps: int, statistics: Statistics | None = None) -> Iterator[None]:
     """Inside the ``with`` block, ``stage`` computes ``steps`` Euler steps of its weight path.
 
-    BatchNorm: the stage's norms normalise with full-depth statistics at every step count, the
-    ones the exported field folds in. In eval mode these are the running statistics. In
-    training mode each batch first runs the stage at full depth without gradient, which
-    updates the running statistics as a full-depth batch does, and the fewer steps normalise
-    with that pass's batch statistics (block by block, interpolated with the weights).
+    The stage's BatchNorms neither use nor update batch statistics of their own at fewer
+    steps: they normalise with ``statistics`` (per norm, from a full-depth pass of the same
+    batch recorded by :class:`BatchStatistics`; differentiably) when given, else with their
+    running statistics, as the exported field does.
 
     Raises:
         ValueError: ``stage`` is not in ODE form or its step cannot be changed; ``steps`` is not
@@ -168,7 +207,7 @@ def coarse_steps(stage: Stage, steps: int) -> Iterator[None]:
     container, blocks = stage.container, stage.blocks
     names = [list(container._modules)[i] for i in stage.indices]
     try:
-        container._modules[names[0]] = _CoarseStage(stage, steps)
+        container._modules[names[0]] = _CoarseStage(stage, steps, statistics)
         for name, block in zip(names[1:], blocks[1:]):
             container._modules[name] = _Skip(block)
         yield

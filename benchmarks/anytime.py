@@ -1,0 +1,515 @@
+"""Anytime depth: one checkpoint at any number of steps, side by side on digits (3 seeds).
+
+Arms, each for every seed (the seed of the model's initialisation, the data split and the
+training order; nothing downloaded):
+
+- ``tied``/``iid``, ``normal``/``sampled``: an ``ode_resnet`` with one stage of L = 16 blocks
+  of width 16 (``configs/digits_ode_resnet.yaml``: the demo's SGD schedule, 15 epochs), tied or
+  i.i.d. initialisation, trained normally or with :class:`~resode_lightning.DepthSampling`
+  (``steps=(1.0, 0.5, 0.25)``), then exported (BatchNorm folded);
+- ``iid net``: the normally trained i.i.d. net (the demo's), as a source for the already-trained
+  path: ``plain export``; ``knot projection`` (the weight path fitted at L/2 knots, no
+  training); ``fine-tune`` (:func:`~resode_lightning.export.distill.distill_depth` at full depth
+  only); ``distilled`` (``distill_depth`` at ``(1.0, 0.5, 0.25)``), 5 epochs each;
+- ``resnet``: ``torchvision.models.ResNet(BasicBlock, [2, 2, 16, 2])`` (stages: layer1 with 2
+  blocks, layer3 with 15 identity blocks), 1-channel stem, 32x32 images, trained normally
+  (AdamW, 6 epochs), with the same four variants (knots: 2, the most layer1 allows).
+
+Every export runs on the test split at Euler L, L/2 and L/4 steps per stage (fractions of each
+stage's depth) and at RK4 with the same number of field evaluations (L/4, L/8, L/16 steps, at
+least one), through :func:`~resode_lightning.export.anytime.accuracy_vs_steps` with the source
+network timed alongside (one batch of 64, every setting interleaved, median over the repeated
+passes). The issue's targets are judged on means over the seeds, with the spread (min–max).
+
+    python benchmarks/anytime.py [--seeds 0 1 2] [--arms ...] [--report-only]
+
+Trained networks and per-arm results are cached under ``--runs`` (default
+``runs/bench_anytime``), so a run can be split over processes (``--arms``) and resumed; the
+report (``results/anytime.{json,md,png}``) is written from every cached result of the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import yaml
+from _common import RESULTS, environment, markdown_table
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+from resode_lightning import DepthSampling, DigitsDataModule, ImageClassifier, ode_resnet
+from resode_lightning.core.io import atomic_save, atomic_write, atomic_write_text
+from resode_lightning.core.stages import find_stages
+from resode_lightning.demo import CONFIGS
+from resode_lightning.export import accuracy_vs_steps, export_neural_ode
+from resode_lightning.export.distill import distill_depth
+
+SETTINGS: list[tuple[str, float]] = [
+    ("euler", 1.0),
+    ("euler", 0.5),
+    ("euler", 0.25),
+    ("rk4", 0.25),
+    ("rk4", 0.125),
+    ("rk4", 0.0625),
+]
+"""(method, steps as a fraction of each stage's depth): Euler at L, L/2, L/4 and RK4 at the
+same field evaluations."""
+BUDGETS = {1.0: "L", 0.5: "L/2", 0.25: "L/4"}
+SCRATCH = ("tied normal", "tied sampled", "iid normal", "iid sampled")
+VARIANTS = ("plain export", "knot projection", "fine-tune", "distilled")
+ARMS = (*SCRATCH, *(f"iid net {v}" for v in VARIANTS), *(f"resnet {v}" for v in VARIANTS))
+RESNET = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05, "schedule": "cosine"}
+
+
+def demo_config() -> dict[str, Any]:
+    """Model and data arguments of the demo's config (the schedule the ODE-ResNets train with)."""
+    config = yaml.safe_load((CONFIGS / "digits_ode_resnet.yaml").read_text())
+    model = {k: v for k, v in config["model"].items() if k not in ("backbone", "backbone_kwargs")}
+    return {
+        "model": model,
+        "backbone": config["model"]["backbone_kwargs"],
+        "data": config["data"]["init_args"],
+        "epochs": config["trainer"]["max_epochs"],
+    }
+
+
+def digits(seed: int, image_size: int) -> DigitsDataModule:
+    config = demo_config()["data"]
+    data = DigitsDataModule(**{**config, "image_size": image_size, "seed": seed})
+    data.setup("fit")
+    return data
+
+
+def fit(
+    backbone: nn.Module,
+    data: DigitsDataModule,
+    hyper: dict[str, Any],
+    epochs: int,
+    seed: int,
+    callbacks: list[pl.Callback],
+) -> tuple[nn.Module, float]:
+    """Train ``backbone`` on ``data`` with the classifier's ``hyper`` parameters; eval mode."""
+    pl.seed_everything(seed, verbose=False)
+    module = ImageClassifier(backbone, num_classes=10, in_channels=1, **hyper)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, data)
+    return module.backbone.eval(), time.perf_counter() - started
+
+
+def long_resnet() -> nn.Module:
+    """``ResNet(BasicBlock, [2, 2, 16, 2])`` with a 1-channel stem and 10 classes."""
+    model = ResNet(BasicBlock, [2, 2, 16, 2], num_classes=10)
+    model.conv1 = nn.Conv2d(1, 64, 7, stride=2, padding=3, bias=False)
+    return model
+
+
+class Cache:
+    """Trained networks and arm results on disk, so that runs resume and split."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "nets").mkdir(parents=True, exist_ok=True)
+        (root / "results").mkdir(parents=True, exist_ok=True)
+
+    def net(self, name: str, seed: int, build, train) -> tuple[nn.Module, dict[str, Any]]:
+        """The trained network ``name``: loaded when cached, else built, trained and saved."""
+        path = self.root / "nets" / f"{name.replace(' ', '_')}_{seed}.pt"
+        model = build()
+        if path.is_file():
+            state = torch.load(path, weights_only=True)
+            model.load_state_dict(state["model"])
+            return model.eval(), state["record"]
+        model, record = train(model)
+        atomic_save({"model": model.state_dict(), "record": record}, path)
+        return model.eval(), record
+
+    def result_path(self, arm: str, seed: int) -> Path:
+        return self.root / "results" / f"{arm.replace(' ', '_')}_{seed}.json"
+
+    def results(self, seeds: list[int]) -> list[dict[str, Any]]:
+        rows = []
+        for arm in ARMS:
+            for seed in seeds:
+                path = self.result_path(arm, seed)
+                if path.is_file():
+                    rows += json.loads(path.read_text())
+        return rows
+
+
+def scratch_net(
+    cache: Cache, init: str, training: str, seed: int, epochs: int | None
+) -> tuple[nn.Module, Any, dict]:
+    config = demo_config()
+    epochs = epochs or config["epochs"]
+    data = digits(seed, config["data"]["image_size"])
+
+    def build() -> nn.Module:
+        kwargs = {**config["backbone"], "init": init, "seed": seed}
+        return ode_resnet(**kwargs, num_classes=10, in_channels=1)
+
+    def train(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        callbacks = (
+            [DepthSampling(steps=(1.0, 0.5, 0.25), seed=seed)] if training == "sampled" else []
+        )
+        model, seconds = fit(model, data, config["model"], epochs, seed, callbacks)
+        return model, {"train_s": seconds, "epochs": epochs}
+
+    model, record = cache.net(f"{init} {training}", seed, build, train)
+    return model, data, record
+
+
+def resnet_net(cache: Cache, seed: int, epochs: int) -> tuple[nn.Module, Any, dict]:
+    data = digits(seed, 32)
+
+    def build() -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return long_resnet()
+
+    def train(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+        model, seconds = fit(model, data, RESNET, epochs, seed, [])
+        return model, {"train_s": seconds, "epochs": epochs}
+
+    model, record = cache.net("resnet", seed, build, train)
+    return model, data, record
+
+
+def variant(source: nn.Module, name: str, data: Any, epochs: int) -> tuple[nn.Module, dict]:
+    """The export of an already-trained ``source`` for one of :data:`VARIANTS`."""
+    started = time.perf_counter()
+    loader = data.train_dataloader()
+    if name == "plain export":
+        model = export_neural_ode(source)
+    elif name == "knot projection":
+        depths = [stage.depth for stage in find_stages(source)]
+        model = export_neural_ode(source, knots=min(max(2, max(depths) // 2), min(depths)))
+    elif name == "fine-tune":
+        model = distill_depth(source, loader, steps=(1.0,), epochs=epochs, progress=False)
+    else:
+        model = distill_depth(source, loader, epochs=epochs, progress=False)
+    return model, {"variant_s": time.perf_counter() - started}
+
+
+def measure(
+    arm: str, seed: int, source: nn.Module, model: nn.Module, data: Any, args, record: dict
+) -> list[dict[str, Any]]:
+    """One row per setting: accuracy, field evaluations, latency against the source."""
+    data.setup("test")
+    batches = list(data.test_dataloader()) * args.passes
+    rows = accuracy_vs_steps(model, batches, SETTINGS, reference=source, warmup=2)
+    out = []
+    for row in rows:
+        method, fraction = (None, None) if row["setting"] == "reference" else row["setting"].split()
+        out.append(
+            {
+                "arm": arm,
+                "seed": seed,
+                "method": method or "source",
+                "fraction": None if fraction is None else float(fraction),
+                "steps": row["steps"],
+                "evaluations": row["evaluations"],
+                "accuracy": row["accuracy"],
+                "latency_ms": row["latency_ms"],
+                "latency_ratio": row["latency_ratio"],
+                "parameters": sum(
+                    p.numel() for p in (source if method is None else model).parameters()
+                ),
+                **record,
+            }
+        )
+    return out
+
+
+def run_arm(arm: str, seed: int, cache: Cache, args) -> None:
+    path = cache.result_path(arm, seed)
+    if path.is_file():
+        return
+    print(f"[seed {seed}] {arm}", flush=True)
+    if arm in SCRATCH:
+        init, training = arm.split()
+        source, data, record = scratch_net(cache, init, training, seed, args.epochs)
+        model = export_neural_ode(source)
+    else:
+        kind, name = (
+            ("iid net", arm[len("iid net ") :])
+            if arm.startswith("iid net")
+            else (
+                "resnet",
+                arm[len("resnet ") :],
+            )
+        )
+        if kind == "iid net":
+            source, data, record = scratch_net(cache, "iid", "normal", seed, args.epochs)
+        else:
+            source, data, record = resnet_net(cache, seed, args.resnet_epochs)
+        model, extra = variant(source, name, data, args.distill_epochs)
+        record = {**record, **extra}
+    rows = measure(arm, seed, source, model, data, args, record)
+    atomic_write_text(json.dumps(rows, indent=1) + "\n", path)
+    for row in rows:
+        print(
+            f"  {row['method']:>6} {row['fraction'] or '':>6} {100 * row['accuracy']:5.1f}% "
+            f"{row['latency_ratio']:.2f}x",
+            flush=True,
+        )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _spread(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{scale * mean:.{digits}f}"
+    low, high = scale * min(values), scale * max(values)
+    return f"{scale * mean:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def _by(rows, arm, method, fraction=None) -> dict[int, dict[str, Any]]:
+    return {
+        r["seed"]: r
+        for r in rows
+        if r["arm"] == arm
+        and r["method"] == method
+        and (fraction is None or r["fraction"] == fraction)
+    }
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Accuracy (mean and min–max over seeds) per arm and setting; latency ratio means."""
+    table = []
+    for arm in ARMS:
+        source = _by(rows, arm, "source")
+        if not source:
+            continue
+        line = {
+            "arm": arm,
+            "seeds": str(len(source)),
+            "source": _spread([r["accuracy"] for r in source.values()]),
+        }
+        for method, fraction in SETTINGS:
+            found = _by(rows, arm, method, fraction)
+            label = f"{'Euler' if method == 'euler' else 'RK4'} {_steps_label(method, fraction)}"
+            line[label] = _spread([r["accuracy"] for r in found.values()]) if found else "—"
+        for fraction in (0.5, 0.25):
+            found = _by(rows, arm, "euler", fraction)
+            ratio = [r["latency_ratio"] for r in found.values()]
+            line[f"latency Euler {BUDGETS[fraction]}"] = (
+                f"{statistics.fmean(ratio):.2f}x" if ratio else "—"
+            )
+        table.append(line)
+    return table
+
+
+def _steps_label(method: str, fraction: float) -> str:
+    if method == "euler":
+        return BUDGETS[fraction]
+    return f"{BUDGETS[fraction * 4]} evals"
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The issue's targets: per-seed values, their mean and min–max, met or missed by how much."""
+    checks = []
+
+    def add(name: str, values: list[float], bound: float, kind: str, unit: str) -> None:
+        if not values:
+            return
+        mean = statistics.fmean(values)
+        met = mean >= bound if kind == ">=" else mean <= bound
+        miss = abs(mean - bound)
+        scale, fmt = (100.0, ".1f") if unit == "pt" else (1.0, ".2f")
+        checks.append(
+            {
+                "target": name,
+                "bound": f"{kind} {scale * bound:{fmt}}{'' if unit == 'pt' else 'x'}",
+                "mean (min–max) over seeds": f"{scale * mean:{fmt}} "
+                f"({scale * min(values):{fmt}}–{scale * max(values):{fmt}})",
+                "verdict": "met"
+                if met
+                else f"missed by {scale * miss:{fmt}}{' pt' if unit == 'pt' else 'x'}",
+            }
+        )
+
+    def diff(arm_a, m_a, f_a, arm_b, m_b, f_b, key="accuracy"):
+        a, b = _by(rows, arm_a, m_a, f_a), _by(rows, arm_b, m_b, f_b)
+        return [a[s][key] - b[s][key] for s in sorted(set(a) & set(b))]
+
+    add(
+        "tied sampled: Euler L/4 − its own Euler L",
+        diff("tied sampled", "euler", 0.25, "tied sampled", "euler", 1.0),
+        -0.01,
+        ">=",
+        "pt",
+    )
+    sampled_l4 = _by(rows, "tied sampled", "euler", 0.25)
+    sampled_l = _by(rows, "tied sampled", "euler", 1.0)
+    ratios = [
+        sampled_l4[s]["latency_ms"] / sampled_l[s]["latency_ms"]
+        for s in sorted(set(sampled_l4) & set(sampled_l))
+    ]
+    add("tied sampled: latency Euler L/4 / Euler L", ratios, 0.30, "<=", "x")
+    add(
+        "tied sampled Euler L − tied normal Euler L",
+        diff("tied sampled", "euler", 1.0, "tied normal", "euler", 1.0),
+        -0.01,
+        ">=",
+        "pt",
+    )
+    add(
+        "iid net distilled: Euler L/2 − source",
+        diff("iid net distilled", "euler", 0.5, "iid net distilled", "source", None),
+        -0.01,
+        ">=",
+        "pt",
+    )
+    add(
+        "iid net distilled: Euler L/4 − source",
+        diff("iid net distilled", "euler", 0.25, "iid net distilled", "source", None),
+        -0.03,
+        ">=",
+        "pt",
+    )
+    add(
+        "resnet distilled: Euler L/2 − source",
+        diff("resnet distilled", "euler", 0.5, "resnet distilled", "source", None),
+        -0.02,
+        ">=",
+        "pt",
+    )
+    latency = [r["latency_ratio"] for r in _by(rows, "resnet distilled", "euler", 0.5).values()]
+    add("resnet distilled: latency Euler L/2 / source", latency, 0.65, "<=", "x")
+    return checks
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy against field evaluations (fraction of L), one panel per group of arms."""
+    from matplotlib.figure import Figure
+
+    groups = {
+        "trained from scratch": SCRATCH,
+        "iid net, already trained": [f"iid net {v}" for v in VARIANTS],
+        "ResNet [2, 2, 16, 2], already trained": [f"resnet {v}" for v in VARIANTS],
+    }
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    axes = figure.subplots(1, len(groups))
+    for axis, (title, arms) in zip(axes, groups.items()):
+        for index, arm in enumerate(arms):
+            color = f"C{index}"
+            for method, style in (("euler", "o-"), ("rk4", "s--")):
+                points = []
+                for fraction in (0.25, 0.5, 1.0):
+                    found = _by(rows, arm, method, fraction / (4 if method == "rk4" else 1))
+                    if found:
+                        values = [100 * r["accuracy"] for r in found.values()]
+                        points.append(
+                            (fraction, statistics.fmean(values), min(values), max(values))
+                        )
+                if points:
+                    x, mean, low, high = zip(*points)
+                    axis.errorbar(
+                        x,
+                        mean,
+                        yerr=[
+                            [m - lo for m, lo in zip(mean, low)],
+                            [hi - m for m, hi in zip(mean, high)],
+                        ],
+                        fmt=style,
+                        color=color,
+                        capsize=2,
+                        label=f"{arm} ({method})" if method == "euler" else None,
+                        alpha=1.0 if method == "euler" else 0.5,
+                    )
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([0.25, 0.5, 1.0], ["L/4", "L/2", "L"])
+        axis.set_xlabel("field evaluations per stage (solid: Euler, dashed: RK4)")
+        axis.set_ylabel("test accuracy (%), mean and min–max over seeds")
+        axis.set_ylim(0, 100)
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6, loc="lower right")
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
+
+
+def report(cache: Cache, seeds: list[int], args) -> None:
+    rows = cache.results(seeds)
+    if not rows:
+        print("no cached results yet")
+        return
+    env = environment("cpu")
+    RESULTS.mkdir(exist_ok=True)
+    table, checks = summary(rows), targets(rows)
+    atomic_write_text(
+        json.dumps({"environment": env, "seeds": seeds, "rows": rows, "targets": checks}, indent=1)
+        + "\n",
+        RESULTS / "anytime.json",
+    )
+    plot(rows, RESULTS / "anytime.png")
+    header = ", ".join(f"{k} {v}" for k, v in env.items())
+    train = {}
+    for row in rows:
+        if row["method"] == "source" and "train_s" in row:
+            train.setdefault(row["arm"].split(" normal")[0], []).append(row["train_s"])
+    text = (
+        "## Accuracy (%) on the test split: mean (min–max) over seeds\n\n"
+        + markdown_table(table, list(table[0]))
+        + "\n## Targets of the issue\n\n"
+        + (markdown_table(checks, list(checks[0])) if checks else "none measured yet\n")
+        + f"\n{header}\n\n"
+        + f"Test split of digits (270 images per seed; the split follows the seed), batches of 64; "
+        f"latency: median over {args.passes} interleaved passes of the test split (4 full "
+        f"batches each, 2 warm-up batches), ratio to the source network timed alongside. "
+        f"RK4 columns: the same field evaluations as Euler at L, L/2, L/4 (L/4, L/8, L/16 RK4 "
+        f"steps, at least one per stage). ode_resnet arms: "
+        f"{args.epochs or demo_config()['epochs']} epochs of "
+        f"the demo's SGD schedule; ResNet: {args.resnet_epochs} epochs of AdamW; distillation: "
+        f"{args.distill_epochs} epochs (distill_depth defaults). 1 CPU thread, shared machine.\n"
+    )
+    atomic_write_text(text, RESULTS / "anytime.md")
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM")
+    parser.add_argument("--runs", type=Path, default=Path("runs/bench_anytime"))
+    parser.add_argument("--epochs", type=int, help="epochs of the ODE-ResNets (config: 15)")
+    parser.add_argument("--resnet-epochs", type=int, default=6)
+    parser.add_argument("--distill-epochs", type=int, default=5)
+    parser.add_argument("--passes", type=int, default=5, help="timed passes over the test split")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    cache = Cache(args.runs)
+    if not args.report_only:
+        for seed in args.seeds:
+            for arm in args.arms:
+                run_arm(arm, seed, cache, args)
+    report(cache, args.seeds, args)
+
+
+if __name__ == "__main__":
+    main()
