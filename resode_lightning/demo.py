@@ -2,7 +2,8 @@
 
 Trains the tied-init and the i.i.d.-init ODE-ResNet of ``configs/digits_ode_resnet.yaml`` and
 ``configs/digits_iid.yaml`` on scikit-learn's digits with SmoothnessMonitor and NeuralODEExport,
-evaluates each exported neural ODE at ``L``, ``L/2`` and ``L/4`` steps, converts a torchvision
+and the tied-init one again with DepthSampling, evaluates each exported neural ODE at ``L``,
+``L/2`` and ``L/4`` steps, converts a torchvision
 resnet18 to ODE form with ``resode convert`` and checks the conversion error, and writes
 ``runs/demo/report.md`` with the numbers and pictures. A few minutes on two CPU cores.
 """
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from resode_lightning.callbacks import NeuralODEExport, SmoothnessMonitor
+from resode_lightning.callbacks import DepthSampling, NeuralODEExport, SmoothnessMonitor
 from resode_lightning.cli import main as resode
 from resode_lightning.cli.train import cli
 from resode_lightning.core.io import atomic_save, atomic_write, atomic_write_text, load_into
@@ -35,6 +36,7 @@ from resode_lightning.export import export_neural_ode, load_neural_ode
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: runs from an installed wheel
 RUNS = {"tied": "digits_ode_resnet.yaml", "iid": "digits_iid.yaml"}
+SAMPLED = "tied, depth-sampled"
 CONVERSION_TOLERANCE = 1e-5
 
 
@@ -58,6 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for init, config in RUNS.items():
         print(f"\n== training the {init}-init ODE-ResNet ({config}) ==", flush=True)
         runs[init] = train_and_evaluate(Path(args.configs) / config, args.max_epochs, out, init)
+    print("\n== training the tied-init ODE-ResNet with DepthSampling ==", flush=True)
+    runs[SAMPLED] = train_and_evaluate(
+        Path(args.configs) / RUNS["tied"], args.max_epochs, out, SAMPLED, sampling=True
+    )
     print("\n== converting a torchvision resnet18 to ODE form ==", flush=True)
     conversion = check_conversion(out)
     plot_accuracy(runs, out / "accuracy_vs_steps.png")
@@ -85,9 +91,10 @@ def idle_cores() -> int:
 
 
 def train_and_evaluate(
-    config: Path, max_epochs: int | None, out: Path, init: str
+    config: Path, max_epochs: int | None, out: Path, init: str, sampling: bool = False
 ) -> dict[str, Any]:
-    """Fit one config, then measure test accuracy of the exported neural ODE at several steps."""
+    """Fit one config (with DepthSampling added when ``sampling``), then measure test accuracy
+    of the exported neural ODE at several steps."""
     if not config.is_file():
         raise FileNotFoundError(
             f"demo config {str(config)!r} not found; run from a clone of the repo"
@@ -98,6 +105,9 @@ def train_and_evaluate(
     run = cli(options, run=False)
     monitor = _callback(run.trainer, SmoothnessMonitor)
     export = _callback(run.trainer, NeuralODEExport)
+    if sampling:
+        run.trainer.callbacks.append(DepthSampling(steps=(1.0, 0.5, 0.25)))
+        export.path = export.path.with_name(f"{export.path.stem}_sampled{export.path.suffix}")
     started = time.perf_counter()
     run.trainer.fit(run.model, run.datamodule)
     train_s = time.perf_counter() - started
@@ -120,7 +130,7 @@ def train_and_evaluate(
         rk4 = export_neural_ode(backbone, method="rk4", steps=max(1, depth // 4))
         accuracy["rk4_quarter"] = _accuracy(rk4(images), labels)
     history = monitor.history
-    plot_smoothness(history, out / f"smoothness_{init}.png")
+    plot_smoothness(history, out / f"smoothness_{init.replace(', ', '_')}.png")
     stage = next(iter(history))
     record = history[stage]
     final = {metric: float(record["metrics"][-1, 0, i]) for i, metric in enumerate(METRICS)}
@@ -200,9 +210,7 @@ def plot_accuracy(runs: dict[str, dict[str, Any]], path: Path) -> None:
     axis = figure.subplots()
     for init, run in runs.items():
         steps = sorted(run["euler_accuracy"])
-        axis.plot(
-            steps, [100 * run["euler_accuracy"][s] for s in steps], "o-", label=f"{init} init"
-        )
+        axis.plot(steps, [100 * run["euler_accuracy"][s] for s in steps], "o-", label=_label(init))
     depth = next(iter(runs.values()))["depth"]
     axis.axvline(depth, color="grey", lw=0.8, ls=":")
     axis.set_xscale("log", base=2)
@@ -213,6 +221,12 @@ def plot_accuracy(runs: dict[str, dict[str, Any]], path: Path) -> None:
     atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
 
 
+def _label(run: str) -> str:
+    """``tied`` -> ``tied init``; ``tied, depth-sampled`` -> ``tied init, depth-sampled``."""
+    init, _, training = run.partition(", ")
+    return f"{init} init" + (f", {training}" if training else "")
+
+
 def plot_lipschitz(runs: dict[str, dict[str, Any]], path: Path) -> None:
     """The Lipschitz constant in depth of each run's stage over training."""
     from matplotlib.figure import Figure
@@ -220,7 +234,7 @@ def plot_lipschitz(runs: dict[str, dict[str, Any]], path: Path) -> None:
     figure = Figure(figsize=(5, 3.4), layout="constrained")
     axis = figure.subplots()
     for init, run in runs.items():
-        axis.plot(run["lipschitz_steps"], run["lipschitz"], label=f"{init} init")
+        axis.plot(run["lipschitz_steps"], run["lipschitz"], label=_label(init))
     axis.set_xlabel("optimizer step")
     axis.set_ylabel(r"Lipschitz in depth $L \cdot \max_k \|\theta_{k+1} - \theta_k\|$")
     axis.set_yscale("symlog", linthresh=1.0)
@@ -283,11 +297,13 @@ def render_report(
         "block the same, last BN of each branch zero: the smooth start of Marion et al.) and "
         "*iid* (independent blocks, PyTorch's default). Each was exported at the end of fitting "
         "as a neural ODE by `NeuralODEExport` and evaluated here with fewer Euler steps (weights "
-        "interpolated linearly in depth).",
+        "interpolated linearly in depth). The tied-init net is trained a second time with "
+        "`DepthSampling(steps=(1.0, 0.5, 0.25))` (*tied, depth-sampled*: every batch also runs "
+        "at half or a quarter of the steps), which makes one export right at every step count.",
         "",
         "## Test accuracy against the number of steps",
         "",
-        "| init | ResNet (L blocks) | "
+        "| training | ResNet (L blocks) | "
         + " | ".join(f"neural ODE, Euler, {s} steps" for s in steps)
         + f" | neural ODE, RK4, {depth // 4} steps | export error at L | training time |",
         "|---|" + "---|" * (len(steps) + 4),
