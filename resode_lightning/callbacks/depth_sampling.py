@@ -2,7 +2,7 @@
 ==============
 
 Trains one set of weights to be right at every number of steps: every training batch runs at
-full depth and at a step count drawn from a set (the sandwich rule of slimmable networks).
+full depth and at the other step counts of a set (the sandwich rule of slimmable networks).
 """
 
 from __future__ import annotations
@@ -22,43 +22,44 @@ from resode_lightning.core.stages import Stage, find_stages
 
 
 class DepthSampling(Callback):
-    r"""Train every batch at full depth and at a step count drawn from ``steps``.
+    r"""Train every batch at full depth and at the other step counts of ``steps``.
 
     A stage of ``L`` blocks in ODE form is the Euler discretisation of a field whose weights
     follow the path through its blocks. Every training batch runs the module's own
-    ``training_step`` twice: at full depth, then with every stage at ``n < L`` Euler steps of
-    that path (:func:`~resode_lightning.core.coarse.coarse_steps`: the blocks a step starts on
-    run with step ``horizon / n``, weights interpolated differentiably between neighbours when
-    a step starts between blocks, the others skipped), ``n`` drawn per batch from ``steps``;
-    the two losses are summed. The full-depth pass on every batch keeps full-depth accuracy,
-    which training at one drawn count per batch loses. The export then runs at each of these
-    counts with :func:`~resode_lightning.export.anytime.set_steps` and computes what was
-    trained.
+    ``training_step`` at full depth, then again with every stage at ``n < L`` Euler steps of
+    that path for each ``n`` of ``steps`` (or for ``draws`` of them drawn per batch):
+    :func:`~resode_lightning.core.coarse.coarse_steps` runs the blocks a step starts on with
+    step ``horizon / n``, weights interpolated differentiably between neighbours when a step
+    starts between blocks, and skips the others. The losses are summed. The full-depth pass on
+    every batch keeps full-depth accuracy, which one drawn count per batch loses. The export
+    then runs at each of these counts with :func:`~resode_lightning.export.anytime.set_steps`
+    and computes what was trained.
 
     BatchNorm: the full-depth pass normalises with batch statistics and updates the running
-    statistics as usual; the fewer-step pass normalises block by block with the statistics of
+    statistics as usual; the fewer-step passes normalise block by block with the statistics of
     the full-depth pass on the same batch, differentiably (so it keeps BatchNorm's invariance
-    to the scale of the weights), and updates nothing. Every step count is thus trained with
+    to the scale of the weights), and update nothing. Every step count is thus trained with
     full-depth statistics, the only ones the exported field folds in: one set of running
     statistics serves all of them, with no recalibration.
 
-    The draw is one fraction for all stages per batch, from a generator seeded by ``seed``, the
-    epoch and the batch index (reproducible, the same on every rank, resumable). What the second
-    call of ``training_step`` logs is dropped (logged values are the full-depth pass's); metric
-    objects it updates see both passes. Stages must be in ODE form when fitting starts
+    A count applies to every stage; draws come from a generator seeded by ``seed``, the epoch
+    and the batch index (reproducible, the same on every rank, resumable). What the fewer-step
+    calls of ``training_step`` log is dropped (logged values are the full-depth pass's); metric
+    objects they update see every pass. Stages must be in ODE form when fitting starts
     (``ODEForm`` before this callback, or an ``ode_resnet``), with affine BatchNorms if any.
     Automatic optimisation only.
 
     Args:
         steps: step counts: fractions of each stage's depth in ``(0, 1]``
             (``n = max(1, round(f * L))``) or ints (at most the shallowest stage's depth). Full
-            depth runs on every batch; the others are drawn from.
-        weights: relative probabilities of ``steps`` in the draw (default: uniform; the entries
-            at full depth are ignored).
+            depth runs on every batch whether listed or not.
+        draws: how many of the fewer-step counts run per batch, drawn uniformly without
+            replacement (``None``: all of them; ``1`` costs less per batch, and measured lower
+            accuracy at every count).
         seed: seed of the draws.
 
     Raises:
-        ValueError: at construction, for empty or invalid ``steps`` or ``weights``; when fitting
+        ValueError: at construction, for empty or invalid ``steps`` or ``draws``; when fitting
             starts, for manual optimisation, a module without residual stages, a stage not in
             ODE form or whose step cannot be changed, a non-affine BatchNorm in a stage, or an
             int step count above a stage's depth.
@@ -73,7 +74,7 @@ class DepthSampling(Callback):
     def __init__(
         self,
         steps: Sequence[float | int] = (1.0, 0.5, 0.25),
-        weights: Sequence[float] | None = None,
+        draws: int | None = None,
         seed: int = 0,
     ) -> None:
         steps = tuple(steps)
@@ -82,20 +83,16 @@ class DepthSampling(Callback):
                 f"DepthSampling(steps=...) must be fractions in (0, 1] or positive ints, got "
                 f"{steps!r}"
             )
-        if weights is not None:
-            weights = tuple(weights)
-            valid = all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights
+        if draws is not None and (
+            isinstance(draws, bool) or not isinstance(draws, int) or draws < 1
+        ):
+            raise ValueError(
+                f"DepthSampling(draws=...) must be a positive int or None, got {draws!r}"
             )
-            if len(weights) != len(steps) or not valid or not sum(weights) > 0:
-                raise ValueError(
-                    f"DepthSampling(weights=...) must be {len(steps)} non-negative numbers with a "
-                    f"positive sum, got {weights!r}"
-                )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"DepthSampling(seed=...) must be an int, got {seed!r}")
         self.steps = steps
-        self.weights = weights
+        self.draws = draws
         self.seed = seed
         self._stages: list[Stage] = []
         self._statistics: BatchStatistics | None = None
@@ -104,19 +101,17 @@ class DepthSampling(Callback):
         """The step counts of ``steps`` for ``stage``."""
         return [s if isinstance(s, int) else max(1, round(s * stage.depth)) for s in self.steps]
 
-    def draw(self, epoch: int, batch_idx: int) -> int | None:
-        """The index in ``steps`` drawn for a batch (``None``: every entry is full depth)."""
-        depths = [stage.depth for stage in self._stages]
+    def draw(self, epoch: int, batch_idx: int) -> list[int]:
+        """The indices in ``steps`` of the fewer-step passes of a batch."""
         candidates = [
             i
             for i in range(len(self.steps))
-            if any(self.counts(stage)[i] < depth for stage, depth in zip(self._stages, depths))
-            and (self.weights is None or self.weights[i] > 0)
+            if any(self.counts(stage)[i] < stage.depth for stage in self._stages)
         ]
-        if not candidates:
-            return None
-        weights = None if self.weights is None else [self.weights[i] for i in candidates]
-        return random.Random(f"{self.seed}:{epoch}:{batch_idx}").choices(candidates, weights)[0]
+        if self.draws is None or self.draws >= len(candidates):
+            return candidates
+        chosen = random.Random(f"{self.seed}:{epoch}:{batch_idx}").sample(candidates, self.draws)
+        return sorted(chosen)
 
     @override
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -156,7 +151,7 @@ class DepthSampling(Callback):
 
 
 class _Sandwich:
-    """``training_step`` at full depth plus ``training_step`` at the drawn step count."""
+    """``training_step`` at full depth plus ``training_step`` at each fewer-step count."""
 
     def __init__(
         self, step: Callable[..., Any], sampling: DepthSampling, trainer: Any, module: nn.Module
@@ -167,24 +162,23 @@ class _Sandwich:
         sampling = self.sampling
         with sampling._statistics as statistics:
             full = self.step(batch, batch_idx, *args)
-        index = sampling.draw(self.trainer.current_epoch, batch_idx)
-        if full is None or index is None:
-            return full
-        with ExitStack() as stack:
-            for stage in sampling._stages:
-                count = sampling.counts(stage)[index]
-                stack.enter_context(coarse_steps(stage, count, statistics.values))
-            self.module.log = self.module.log_dict = _ignore  # the full-depth pass's logs stay
-            try:
-                coarse = self.step(batch, batch_idx, *args)
-            finally:
-                del self.module.log, self.module.log_dict
+        if full is None:
+            return None
+        loss = full["loss"] if isinstance(full, dict) else full
+        for index in sampling.draw(self.trainer.current_epoch, batch_idx):
+            with ExitStack() as stack:
+                for stage in sampling._stages:
+                    count = sampling.counts(stage)[index]
+                    stack.enter_context(coarse_steps(stage, count, statistics.values))
+                self.module.log = self.module.log_dict = _ignore  # the full-depth pass's logs
+                try:
+                    coarse = self.step(batch, batch_idx, *args)
+                finally:
+                    del self.module.log, self.module.log_dict
+            if coarse is not None:
+                loss = loss + (coarse["loss"] if isinstance(coarse, dict) else coarse)
         statistics.values = {}
-        if coarse is None:
-            return full
-        if isinstance(full, dict):
-            return {**full, "loss": full["loss"] + coarse["loss"]}
-        return full + coarse
+        return {**full, "loss": loss} if isinstance(full, dict) else loss
 
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
