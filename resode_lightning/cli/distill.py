@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--knots", type=int, help="fit each stage's path at this many knots first")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
+    parser.add_argument(
+        "--lr", type=float, default=1e-4, help="AdamW peak learning rate (ODE-ResNets: 1e-3)"
+    )
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--label-weight", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split")
