@@ -15,6 +15,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from resode_lightning import (
     DepthSampling,
+    ODEForm,
     export_neural_ode,
     find_stages,
     load_neural_ode,
@@ -289,6 +290,36 @@ def test_depth_sampling_runs_every_batch_at_full_depth_and_the_other_counts():
     stage = find_stages(module)[0]
     assert all(isinstance(b, PreActBlock) and b.step == 1 / 8 for b in stage.blocks)
     assert "training_step" not in module.__dict__  # the module's own step again
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "timm"])
+def test_depth_sampling_trains_ode_form_torchvision_and_timm_nets(kind):
+    if kind == "timm":
+        timm = pytest.importorskip("timm")
+        net = timm.create_model("resnet18", pretrained=False, num_classes=10)
+    else:
+        net = ResNet(BasicBlock, [3, 1, 1, 1], num_classes=10)
+    module = NestedBackboneModule(net)
+    stage = find_stages(net)[0]
+    blocks, calls = stage.blocks, []
+    for block in blocks:
+        block.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    before = [b.conv1.weight.detach().clone() for b in blocks]
+    trainer = Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[ODEForm(), DepthSampling(steps=(1.0, 0.5))],
+    )
+    trainer.fit(module, loader(count=8, size=32))
+    depth = stage.depth
+    assert sum(calls) == 2 * (depth + max(1, round(depth / 2)))  # full + half, per batch
+    assert find_stages(net)[0].blocks == blocks and find_stages(net)[0].is_ode_form
+    assert all(not torch.equal(b.conv1.weight, w) for b, w in zip(blocks, before))
 
 
 def test_depth_sampling_draws_reproducibly_and_pickles():
