@@ -26,6 +26,7 @@ from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFold
 from resode_lightning.export import (
     accuracy_vs_steps,
     at_steps,
+    distill_depth,
     export_neural_ode,
     load_neural_ode,
     save_neural_ode,
@@ -50,6 +51,7 @@ __all__ = [
     "Stage",
     "accuracy_vs_steps",
     "at_steps",
+    "distill_depth",
     "export_neural_ode",
     "find_stages",
     "from_ode_form",

@@ -2,6 +2,7 @@
 
 from resode_lightning.export.anytime import accuracy_vs_steps, at_steps, set_steps
 from resode_lightning.export.build import export_neural_ode
+from resode_lightning.export.distill import distill_depth
 from resode_lightning.export.field import VectorField, WeightPath
 from resode_lightning.export.io import load_neural_ode, save_neural_ode
 from resode_lightning.export.solve import NeuralODEStage
@@ -12,6 +13,7 @@ __all__ = [
     "WeightPath",
     "accuracy_vs_steps",
     "at_steps",
+    "distill_depth",
     "export_neural_ode",
     "load_neural_ode",
     "save_neural_ode",
