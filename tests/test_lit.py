@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -10,7 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from resode_lightning import ImageClassifier, ODEForm, is_ode_form, ode_resnet, to_ode_form
+from resode_lightning import (
+    DigitsDataModule,
+    ImageClassifier,
+    NeuralODEExport,
+    ODEForm,
+    SmoothnessMonitor,
+    is_ode_form,
+    load_neural_ode,
+    ode_resnet,
+    to_ode_form,
+)
 from resode_lightning.core.models import torchvision_resnet
 
 
@@ -165,3 +176,65 @@ def test_predict_returns_class_probabilities():
     (probabilities, *_) = _trainer().predict(model, _images())
     assert probabilities.shape == (4, 3)
     assert torch.allclose(probabilities.sum(1), torch.ones(4))
+
+
+def _lightning_pytorch_installed() -> bool:
+    try:
+        import lightning.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "namespace",
+    [
+        "pytorch_lightning",
+        pytest.param(
+            "lightning.pytorch",
+            marks=pytest.mark.skipif(
+                not _lightning_pytorch_installed(), reason="the unified lightning package"
+            ),
+        ),
+    ],
+)
+def test_either_namespace_fits_the_classifier_on_digits_with_all_callbacks(tmp_path, namespace):
+    lightning = importlib.import_module(namespace)
+    classifier = importlib.import_module(
+        "resode_lightning.lit.classifier"
+        if namespace == "pytorch_lightning"
+        else "resode_lightning.lit.lightning_pytorch"
+    ).ImageClassifier
+    torch.manual_seed(0)
+    model = classifier(
+        "ode_resnet",
+        backbone_kwargs={"depths": [4], "widths": [8]},
+        in_channels=1,
+        optimizer="adamw",
+        lr=1e-2,
+    )
+    data = DigitsDataModule(image_size=16, batch_size=64)  # 20 training batches per epoch
+    monitor = SmoothnessMonitor(every_n_steps=10, plot=False)
+    path = tmp_path / "digits_ode.pt"
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        limit_val_batches=1,
+        logger=lightning.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ODEForm(), monitor, NeuralODEExport(path)],
+    )
+    trainer.fit(model, datamodule=data)
+    (result,) = trainer.test(model, datamodule=data, verbose=False)
+
+    assert isinstance(model, lightning.LightningModule) and is_ode_form(model.backbone)
+    assert monitor.history["backbone.stages.0"]["step"].tolist() == [10, 20, 30, 40]
+    assert trainer.global_step == 40 and math.isfinite(result["test/loss"])
+    images = next(iter(data.test_dataloader()))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_neural_ode(path)(images), model.eval()(images), rtol=0, atol=1e-5
+        )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from resode_lightning._lightning import LightningDataModule
 
 
 class DataError(ValueError):
@@ -45,7 +46,7 @@ def split_indices(count: int, sizes: tuple[int, ...], seed: int) -> list[Tensor]
     return parts
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(LightningDataModule):
     """Base of the package's DataModules: ``num_classes`` and ``channels`` known at construction.
 
     Subclasses set ``self.train_set``, ``self.val_set`` and ``self.test_set`` in ``setup``; the

@@ -3,6 +3,9 @@
 
 A LightningModule that trains any residual backbone with cross-entropy, reports top-1 (and
 top-5) accuracy, and exposes every choice as a typed ``__init__`` argument for LightningCLI.
+:class:`ImageClassifier` is a ``pytorch_lightning`` module;
+:class:`resode_lightning.lit.lightning_pytorch.ImageClassifier` is the same for
+``lightning.pytorch``.
 """
 
 from __future__ import annotations
@@ -23,44 +26,9 @@ from resode_lightning.core.models import TORCHVISION_RESNETS, ode_resnet, torchv
 BACKBONES: tuple[str, ...] = ("ode_resnet", *TORCHVISION_RESNETS)
 
 
-class ImageClassifier(pl.LightningModule):
-    r"""Cross-entropy classification with a residual backbone, SGD or AdamW and a cosine schedule.
-
-    Args:
-        backbone: a name — ``"ode_resnet"`` (built by :func:`~resode_lightning.ode_resnet` with
-            ``backbone_kwargs``) or a torchvision ResNet (``"resnet18"``, ``"resnet50"``, ...,
-            randomly initialised, nothing downloaded) — or a ready ``nn.Module`` mapping images to
-            ``num_classes`` logits (in a config: ``class_path`` and ``init_args``).
-        backbone_kwargs: keyword arguments of the named builder (e.g. ``depths``, ``widths``,
-            ``init`` for ``ode_resnet``).
-        weights: a local checkpoint (``.pth``, Lightning ``.ckpt``, ``.safetensors``) loaded into a
-            named backbone with ``weights_only`` loading; a head with another number of classes
-            than ``num_classes`` is replaced by a fresh ``fc`` layer (fine-tuning).
-        num_classes: number of classes.
-        in_channels: channels of the input images (a torchvision stem is rebuilt when not 3).
-        optimizer: ``"sgd"`` (with Nesterov momentum when ``momentum > 0``) or ``"adamw"``.
-        lr: peak learning rate.
-        momentum: SGD momentum.
-        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
-        schedule: ``"cosine"`` (annealed to 0 over all optimizer steps of the fit, so it follows
-            ``max_epochs`` or ``max_steps``) or ``"constant"``.
-        label_smoothing: cross-entropy label smoothing in ``[0, 1)``.
-
-    Raises:
-        ValueError: an unknown backbone name or optimizer, or an argument out of range.
-        FileNotFoundError, CheckpointError: ``weights`` is missing or does not fit the backbone.
-
-    Logged metrics:
-        ``train/loss``, ``train/acc`` (per step and epoch); ``val/loss``, ``val/acc``,
-        ``test/loss``, ``test/acc`` (per epoch); ``{val,test}/acc_top5`` when
-        ``num_classes > 5``.
-
-    Example::
-
-        >>> model = ImageClassifier("ode_resnet", backbone_kwargs={"depths": [8], "widths": [16]})
-        >>> model(torch.randn(2, 3, 32, 32)).shape
-        torch.Size([2, 10])
-    """
+class ImageClassifierMixin:
+    """What :class:`ImageClassifier` computes, logs and optimises, free of a Lightning namespace:
+    mixed into a ``LightningModule`` of either (see :mod:`resode_lightning._lightning`)."""
 
     def __init__(
         self,
@@ -170,6 +138,46 @@ class ImageClassifier(pl.LightningModule):
         backbone_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if backbone_state:
             load_into(self.backbone, backbone_state)
+
+
+class ImageClassifier(ImageClassifierMixin, pl.LightningModule):
+    r"""Cross-entropy classification with a residual backbone, SGD or AdamW and a cosine schedule.
+
+    Args:
+        backbone: a name — ``"ode_resnet"`` (built by :func:`~resode_lightning.ode_resnet` with
+            ``backbone_kwargs``) or a torchvision ResNet (``"resnet18"``, ``"resnet50"``, ...,
+            randomly initialised, nothing downloaded) — or a ready ``nn.Module`` mapping images to
+            ``num_classes`` logits (in a config: ``class_path`` and ``init_args``).
+        backbone_kwargs: keyword arguments of the named builder (e.g. ``depths``, ``widths``,
+            ``init`` for ``ode_resnet``).
+        weights: a local checkpoint (``.pth``, Lightning ``.ckpt``, ``.safetensors``) loaded into a
+            named backbone with ``weights_only`` loading; a head with another number of classes
+            than ``num_classes`` is replaced by a fresh ``fc`` layer (fine-tuning).
+        num_classes: number of classes.
+        in_channels: channels of the input images (a torchvision stem is rebuilt when not 3).
+        optimizer: ``"sgd"`` (with Nesterov momentum when ``momentum > 0``) or ``"adamw"``.
+        lr: peak learning rate.
+        momentum: SGD momentum.
+        weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
+        schedule: ``"cosine"`` (annealed to 0 over all optimizer steps of the fit, so it follows
+            ``max_epochs`` or ``max_steps``) or ``"constant"``.
+        label_smoothing: cross-entropy label smoothing in ``[0, 1)``.
+
+    Raises:
+        ValueError: an unknown backbone name or optimizer, or an argument out of range.
+        FileNotFoundError, CheckpointError: ``weights`` is missing or does not fit the backbone.
+
+    Logged metrics:
+        ``train/loss``, ``train/acc`` (per step and epoch); ``val/loss``, ``val/acc``,
+        ``test/loss``, ``test/acc`` (per epoch); ``{val,test}/acc_top5`` when
+        ``num_classes > 5``.
+
+    Example::
+
+        >>> model = ImageClassifier("ode_resnet", backbone_kwargs={"depths": [8], "widths": [16]})
+        >>> model(torch.randn(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
 
 
 def _accuracy(num_classes: int, split: str) -> MetricCollection:
