@@ -419,7 +419,7 @@ def test_ddp_spawn_two_processes_identical_values_logged_once(tmp_path):
 
 
 def test_monitor_pickles_after_setup():
-    """ddp_spawn and checkpointing pickle callbacks: the stage cache must not come along."""
+    """ddp_spawn and checkpointing pickle callbacks: the watched stages must not come along."""
     import pickle
 
     import torchvision
@@ -430,6 +430,6 @@ def test_monitor_pickles_after_setup():
     module = torch.nn.Module()
     module.net = torchvision.models.resnet18()
     monitor.setup(type("T", (), {"log_every_n_steps": 50})(), module, "fit")
-    assert monitor._caches
+    assert monitor._watched
     clone = pickle.loads(pickle.dumps(monitor))
-    assert clone._caches is None and clone.every_n_steps == monitor.every_n_steps
+    assert clone._watched is None and clone.every_n_steps == monitor.every_n_steps

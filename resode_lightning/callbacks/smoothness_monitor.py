@@ -14,15 +14,14 @@ from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
 from resode_lightning.core.history import Measurement, SmoothnessHistory
-from resode_lightning.core.odeform import stage_tensors
 from resode_lightning.core.plots import save_figure, smoothness_figure
-from resode_lightning.core.smoothness import ALL, METRICS, depth_consistency, metric_table
-from resode_lightning.core.stages import Stage, find_stages
+from resode_lightning.core.smoothness import METRICS, depth_consistency, metric_table
+from resode_lightning.core.watch import WatchedStage, stage_inputs, watch_stages
 
 PREFIX = "smoothness"
 PLOT_NAME = "smoothness.png"
@@ -117,14 +116,14 @@ class SmoothnessMonitor(Callback):
         self.probe_samples = probe_samples
         self.plot = plot
         self._interval = every_n_steps or 0
-        self._caches: list[_StageCache] | None = None
+        self._watched: list[WatchedStage] | None = None
         self._last_step = -1
         self._history = SmoothnessHistory()
         self._probe_input: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # the stage cache holds the model's tensors and adapters; it is rebuilt on demand
-        return {**self.__dict__, "_caches": None}
+        # the watched stages hold the model's tensors and adapters; they are found again
+        return {**self.__dict__, "_watched": None}
 
     @property
     @override
@@ -150,7 +149,7 @@ class SmoothnessMonitor(Callback):
         if stage != "fit":
             return
         try:
-            self._caches = _find(pl_module)
+            self._watched = watch_stages(pl_module)
         except ValueError as error:
             raise ValueError(f"SmoothnessMonitor: {error}") from None
         if self.every_n_steps is None:
@@ -237,27 +236,32 @@ class SmoothnessMonitor(Callback):
             raise ValueError(f"SmoothnessMonitor: checkpoint state: {error}") from None
         self._last_step = last_step
 
-    def _stages(self, pl_module) -> list[_StageCache]:
-        caches = self._caches
-        if caches is None or not all(cache.is_current() for cache in caches):
+    def _stages(self, pl_module) -> list[WatchedStage]:
+        watched = self._watched
+        if watched is None or not all(stage.is_current() for stage in watched):
             try:
-                caches = _find(pl_module)
+                watched = watch_stages(pl_module)
             except ValueError:
                 rank_zero_warn("SmoothnessMonitor: the module has no residual stage left")
-                caches = []
-            self._caches = caches
-        return caches
+                watched = []
+            self._watched = watched
+        return watched
 
     def _measure(self, pl_module, step: int, *, on_step: bool) -> None:
         self._last_step = step
         measurements = []
         with torch.no_grad():
-            for cache in self._stages(pl_module):
-                table, profile = metric_table(cache.tensors, cache.scale)
-                measurements.append(Measurement(cache.stage.name, cache.names, table, profile))
-                for column, key in enumerate(cache.keys):
+            for watched in self._stages(pl_module):
+                name = watched.stage.name
+                table, profile = metric_table(watched.tensors, watched.scale)
+                measurements.append(Measurement(name, watched.names, table, profile))
+                for column, metric in enumerate(METRICS):
                     pl_module.log(
-                        key, table[0, column], on_step=on_step, on_epoch=not on_step, logger=False
+                        f"{PREFIX}/{name}/{metric}",
+                        table[0, column],
+                        on_step=on_step,
+                        on_epoch=not on_step,
+                        logger=False,
                     )
         if measurements:
             self._history.append(step, measurements)
@@ -290,86 +294,16 @@ class SmoothnessMonitor(Callback):
             logger.save()
 
     def _probe(self, pl_module) -> dict[str, Tensor]:
-        caches = self._stages(pl_module)
-        inputs: dict[str, Tensor] = {}
-        handles = [
-            cache.stage.blocks[0].register_forward_pre_hook(_Capture(cache.stage.name, inputs))
-            for cache in caches
-        ]
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                pl_module(self._probe_input.to(pl_module.device, copy=True))
+        stages = [watched.stage for watched in self._stages(pl_module)]
+        with torch.inference_mode(False):
+            x = self._probe_input.to(pl_module.device, copy=True)
+            inputs = stage_inputs(pl_module, stages, x)
+            with torch.no_grad():
                 return {
-                    cache.stage.name: depth_consistency(
-                        cache.stage, inputs[cache.stage.name].clone()
-                    )
-                    for cache in caches
-                    if cache.stage.name in inputs
+                    stage.name: depth_consistency(stage, inputs[stage.name].clone())
+                    for stage in stages
+                    if stage.name in inputs
                 }
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
-class _StageCache:
-    """One stage's live parameter tensors and ODE factors, and the objects they were read from.
-
-    Holding those objects keeps them alive, so identity checks on them cannot be fooled by a
-    reused ``id()``.
-    """
-
-    def __init__(self, stage: Stage, path: list[tuple[nn.Module, str, nn.Module]]) -> None:
-        self.stage = stage
-        self.tensors, self.scale = stage_tensors(stage)
-        self.names = (ALL, *self.tensors)
-        self.keys = [f"{PREFIX}/{stage.name}/{metric}" for metric in METRICS]
-        self.path = path
-        self.children = list(stage.container._modules.values())
-        self.marker = stage.container._buffers.get(stage.marker)
-        self.parameters = [tuple(block.parameters()) for block in stage.blocks]
-
-    def is_current(self) -> bool:
-        """Whether the module still holds this stage as cached (no tensor is read)."""
-        container = self.stage.container
-        modules = container._modules.values()
-        return (
-            all(parent._modules.get(name) is child for parent, name, child in self.path)
-            and container._buffers.get(self.stage.marker) is self.marker
-            and len(modules) == len(self.children)
-            and all(a is b for a, b in zip(modules, self.children, strict=True))
-            and all(
-                _same(tuple(block.parameters()), held)
-                for block, held in zip(self.stage.blocks, self.parameters, strict=True)
-            )
-        )
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-def _find(pl_module: nn.Module) -> list[_StageCache]:
-    paths = {module: name for name, module in pl_module.named_modules()}
-    caches = []
-    for stage in find_stages(pl_module):
-        path, parent = [], pl_module
-        for name in paths[stage.container].split(".") if paths[stage.container] else []:
-            child = parent._modules[name]
-            path.append((parent, name, child))
-            parent = child
-        caches.append(_StageCache(stage, path))
-    return caches
-
-
-class _Capture:
-    """Forward pre-hook storing a module's input under ``name`` (picklable, no closure)."""
-
-    def __init__(self, name: str, store: dict[str, Tensor]) -> None:
-        self.name = name
-        self.store = store
-
-    def __call__(self, module, args: tuple) -> None:
-        self.store.setdefault(self.name, args[0].detach())
 
 
 def _log_figure(logger: Any, figure: Any, step: int) -> None:
