@@ -406,7 +406,20 @@ def test_distill_depth_resumes_from_its_checkpoint(tmp_path):
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="other settings"):
         distill_depth(source, data, epochs=2, lr=0.1, checkpoint=path, progress=False)
-    for bad in ({"epochs": 0}, {"steps": ()}, {"lr": 0.0}, {"label_weight": 2.0}):
+    weighted = distill_depth(
+        source, data, step_weights=(1, 2, 4), warmup=0.5, epochs=1, progress=False
+    )
+    assert steps_of(weighted) == {"stages.0": ("euler", 4)}
+    bad_settings = (
+        {"epochs": 0},
+        {"steps": ()},
+        {"lr": 0.0},
+        {"label_weight": 2.0},
+        {"step_weights": (1, 2)},
+        {"step_weights": (0, 0, 0)},
+        {"warmup": 1.0},
+    )
+    for bad in bad_settings:
         with pytest.raises(ValueError):
             distill_depth(source, data, progress=False, **bad)
 

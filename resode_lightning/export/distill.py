@@ -3,11 +3,11 @@
 The source is exported with its BatchNorm folded (nothing left in the stages depends on batch
 statistics, so every step count computes with the same weights) and, optionally, its weight
 path fitted at fewer knots. The export is then fine-tuned at every step count of a set on
-every batch (the mean of their losses), towards the source's outputs (KL divergence to its
-softened logits) and the labels: depth sampling with the expectation over the set taken
-exactly, which measured better than one count drawn per batch at equal epochs. Progress is
-checkpointed atomically after every epoch; a run started again with the same checkpoint path
-resumes from it.
+every batch (the mean of their losses, optionally weighted), towards the source's outputs
+(KL divergence to its softened logits) and the labels: depth sampling with the expectation
+over the set taken exactly, which measured better than one count drawn per batch at equal
+epochs. Progress is checkpointed atomically after every epoch; a run started again with the
+same checkpoint path resumes from it.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ def distill_depth(
     loader: Iterable[Any],
     *,
     steps: Sequence[float | int] = (1.0, 0.5, 0.25),
+    step_weights: Sequence[float] | None = None,
     epochs: int = 5,
     knots: int | None = None,
     lr: float = 1e-4,
+    warmup: float = 0.0,
     weight_decay: float = 0.0,
     temperature: float = 2.0,
     label_weight: float = 0.5,
@@ -57,12 +59,21 @@ def distill_depth(
             each stage's depth (``1.0, 0.5, 0.25``) or ints (see
             :func:`~resode_lightning.export.anytime.set_steps`). ``(1.0,)`` fine-tunes at full
             depth only.
+        step_weights: the weight of each count's loss, in the order of ``steps`` (normalised
+            to sum 1; ``None``: equal). On the digits benchmark's ODE-ResNet (one stage of 16
+            blocks), ``(1, 2, 4)`` at ``(1.0, 0.5, 0.25)`` with ``lr=3e-3, warmup=0.1``
+            measured closest to the source at L/2 and L/4 (see ``benchmarks/anytime.py``);
+            not measured on production ResNets, hence not the default.
         epochs: passes over ``loader``.
         knots: fit each stage's weight path at this many knots first (``None``: one per block).
         lr: peak learning rate of AdamW (cosine schedule to 0 over all steps). The default
             suits production ResNets (measured on a torchvision ResNet: 1e-4 keeps it, 3e-4 and
             above break it); small ODE-ResNets trained from scratch in ODE form, whose weights
-            sit at the larger ODE scale, take 1e-3.
+            sit at the larger ODE scale, take 1e-3 to 3e-3.
+        warmup: share of all steps over which the learning rate rises linearly from
+            ``lr / (warmup steps)`` to ``lr`` before the cosine decay (0: none; the
+            benchmark's ODE-ResNet takes lr 3e-3 with 0.1, where lr 3e-3 alone did no better
+            than 1e-3).
         weight_decay: AdamW's decoupled weight decay.
         temperature: softening of both logits in the distillation term.
         label_weight: weight of the cross-entropy on the labels; the distillation term has
@@ -80,7 +91,7 @@ def distill_depth(
         ValueError: an argument out of range; ``options`` with an adaptive method.
         CheckpointError: ``checkpoint`` exists but was written for other settings.
     """
-    _check(steps, epochs, lr, weight_decay, temperature, label_weight)
+    _check(steps, step_weights, epochs, lr, warmup, weight_decay, temperature, label_weight)
     options = (options or ExportOptions(gradient="backprop")).replace(knots=knots)
     if options.steps is not None or options.method not in ("euler", "midpoint", "rk4"):
         raise ValueError(
@@ -102,10 +113,16 @@ def distill_depth(
         "label_weight": label_weight,
         "options": options.to_config(),
     }
+    # only when set, so that checkpoints written before these options existed still resume
+    if step_weights is not None:
+        settings["step_weights"] = [float(w) for w in step_weights]
+    if warmup:
+        settings["warmup"] = warmup
+    shares = [float(w) / sum(step_weights) for w in step_weights] if step_weights else None
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     total = epochs * _length(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Cosine(total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Cosine(total, warmup))
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
         start = _resume(checkpoint, settings, student, optimizer, scheduler)
@@ -118,12 +135,13 @@ def distill_depth(
                 target = teacher(images)
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            for budget in steps:  # every step count on every batch: gradients of the mean loss
+            for index, budget in enumerate(steps):  # every count on every batch: weighted mean
                 set_steps(student, budget)
                 logits = student(images)
                 loss = distillation_loss(logits, target, labels, temperature, label_weight)
-                (loss / len(steps)).backward()
-                total += loss.detach() / len(steps)
+                loss = loss / len(steps) if shares is None else loss * shares[index]
+                loss.backward()
+                total += loss.detach()
             optimizer.step()
             scheduler.step()
             if hasattr(batches, "set_postfix"):
@@ -159,13 +177,18 @@ def distillation_loss(
 
 
 class _Cosine:
-    """Learning-rate factor: cosine from 1 to 0 over ``total`` steps (picklable)."""
+    """Learning-rate factor: linear warm-up over the first ``warmup`` share of ``total`` steps,
+    then cosine from 1 to 0 over the rest (picklable)."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, warmup: float = 0.0) -> None:
         self.total = max(1, total)
+        self.warmup = min(round(warmup * self.total), self.total - 1)
 
     def __call__(self, step: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(step, self.total) / self.total))
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        decay = self.total - self.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(step - self.warmup, decay) / decay))
 
 
 def _resume(
@@ -217,14 +240,27 @@ def _device(model: nn.Module) -> torch.device:
 
 def _check(
     steps: Sequence[float | int],
+    step_weights: Sequence[float] | None,
     epochs: int,
     lr: float,
+    warmup: float,
     weight_decay: float,
     temperature: float,
     label_weight: float,
 ) -> None:
     if not steps:
         raise ValueError("steps must name at least one step count")
+    if step_weights is not None and (
+        len(step_weights) != len(steps)
+        or any(not w >= 0 for w in step_weights)
+        or not sum(step_weights) > 0
+    ):
+        raise ValueError(
+            f"step_weights must give one weight >= 0 per step count (not all 0), got "
+            f"{step_weights!r} for steps {steps!r}"
+        )
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup must be a share of the steps in [0, 1), got {warmup!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
     if not (lr > 0 and weight_decay >= 0 and temperature > 0 and 0 <= label_weight <= 1):
