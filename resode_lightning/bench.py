@@ -167,6 +167,46 @@ def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
     return _proc_bytes("VmHWM") - before
 
 
+def peak_allocated_bytes(step: Callable[[], None]) -> int:
+    """Bytes by which the tensors alive during ``step()`` exceed, at their peak, those alive
+    before it, from the profiler's CPU memory events: the counterpart of
+    ``torch.cuda.max_memory_allocated`` on CPU, without the proxy's allocator fragmentation
+    and host-side objects (and slower: every allocation is recorded)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        step()
+    events = profiler.profiler.kineto_results.events()
+    changes = sorted(
+        (event.start_ns(), index, event.nbytes())
+        for index, event in enumerate(events)
+        if event.name() == "[memory]"
+    )
+    live = peak = 0
+    for *_, nbytes in changes:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def allocated_step_bytes(
+    mode: str, steps: int, *, width: int = 16, size: int = 16, batch: int = 8, depth: int = 4
+) -> int:
+    """:func:`peak_allocated_bytes` of one training step of ``mode`` on CPU, after a warm-up
+    step (the input as in :func:`memory_benchmark`)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, width, size, size, generator=generator).relu().requires_grad_(True)
+    torch.manual_seed(0)
+    module = stage_module(mode, steps, width, depth)
+
+    def step() -> None:
+        module(x).square().mean().backward()
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+
+    step()
+    return peak_allocated_bytes(step)
+
+
 def in_fresh_process(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """``function(*args, **kwargs)`` run in a forked child process; returns its result.
 

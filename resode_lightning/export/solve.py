@@ -227,7 +227,8 @@ class NeuralODEStage(nn.Module):
         grid.bind(self.horizon)
         if grad and self.gradient == "recursive":
             checkpoints = self.checkpoints or default_checkpoints(self.steps)
-            return binomial_checkpoint(grid.step, x, self.steps, checkpoints)
+            params = [p for p in self.field.parameters() if p.requires_grad]
+            return binomial_checkpoint(grid.step, x, self.steps, checkpoints, params)
         for k in range(self.steps):
             if grad and self.gradient == "checkpoint":
                 x = checkpoint(grid.step, k, x, use_reentrant=False, preserve_rng_state=False)
