@@ -54,10 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[1.0, 0.5, 0.25],
         help="step counts trained on every batch: fractions of each stage's depth or ints",
     )
+    parser.add_argument(
+        "--step-weights",
+        type=float,
+        nargs="+",
+        help="weight of each step count's loss, in the order of --steps (default: equal)",
+    )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--knots", type=int, help="fit each stage's path at this many knots first")
     parser.add_argument(
         "--lr", type=float, default=1e-4, help="AdamW peak learning rate (ODE-ResNets: 1e-3)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=0.0, help="share of the steps with a linear lr warm-up"
     )
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--label-weight", type=float, default=0.5)
@@ -80,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
         source,
         data.train_dataloader(),
         steps=args.steps,
+        step_weights=args.step_weights,
         epochs=args.epochs,
         knots=args.knots,
         lr=args.lr,
+        warmup=args.warmup,
         temperature=args.temperature,
         label_weight=args.label_weight,
         checkpoint=checkpoint,
