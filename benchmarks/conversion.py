@@ -18,7 +18,7 @@ from _common import environment, write_results
 from torch import nn
 
 from resode_lightning import find_stages, to_ode_form
-from resode_lightning.core.models import randomize_norms
+from resode_lightning.testing import randomize_norms
 
 ARCHS = [
     "resnet18",

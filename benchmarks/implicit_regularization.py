@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from _common import RESULTS, environment, write_results
 
-from resode_lightning.core.smoothness import smoothness_metrics
+from resode_lightning.core.metrics import smoothness_metrics
 
 
 def train(depth: int, init: str, seed: int, steps: int, d: int, width: int, n: int, device: str):

@@ -2,7 +2,7 @@
 
 Modes: plain ResNet stage, ODE form with backprop, torch.utils.checkpoint per block, raw
 torchdiffeq odeint_adjoint, and the export's four gradient modes (``recursive`` with 4 stored
-states), see :mod:`resode_lightning.bench`; steps 4 ... 256 and 36. Checked against the
+states), see :mod:`resode_lightning.memory_benchmark`; steps 4 ... 256 and 36. Checked against the
 issue's targets (:func:`targets`): ``recursive`` peak at 256 steps <= 1.3x its peak at 4
 steps, and its time at 36 steps <= 4x backprop's (the two timed interleaved, medians of 15
 rounds); ``checkpoint`` grows by <= 1 stored state per step: the least-squares slope of peak
@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from resode_lightning.bench import (
+from resode_lightning.cli.bench import add_arguments, measure, ratio_lines, table
+from resode_lightning.core.files import atomic_write, atomic_write_text
+from resode_lightning.memory_benchmark import (
     RECURSIVE_CHECKPOINTS,
     allocated_step_bytes,
     in_fresh_process,
     memory_benchmark,
     stage_module,
 )
-from resode_lightning.cli.bench import add_arguments, measure, ratio_lines, table
-from resode_lightning.core.io import atomic_write, atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = [4, 8, 16, 32, 36, 64, 128, 256]
@@ -82,7 +82,8 @@ def interleaved_times(
 
 def allocated_peaks(args: argparse.Namespace) -> dict[int, int]:
     """Peak allocated tensor bytes of one recursive training step at :data:`ALLOCATED_STEPS`
-    (:func:`~resode_lightning.bench.allocated_step_bytes`, CPU), each in a fresh process."""
+    (:func:`~resode_lightning.memory_benchmark.allocated_step_bytes`, CPU), each in a fresh
+    process."""
     sizes = {"width": args.width, "size": args.size, "batch": args.batch, "depth": args.depth}
     peaks = {}
     for steps in ALLOCATED_STEPS:
@@ -204,7 +205,7 @@ def main() -> None:
     parser.set_defaults(steps=STEPS, repeats=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = measure(args, own_process=True)
+    result = measure(args)
     split_modes = tuple(mode for mode in SPLIT_MODES if mode in args.modes)
     result["growth_split"] = growth_split(split_modes, args) if split_modes else {}
     seconds = {}

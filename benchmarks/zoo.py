@@ -35,10 +35,10 @@ from _common import RESULTS, environment, markdown_table
 from torch import nn
 
 from resode_lightning import export_neural_ode, find_stages, resample_depth, to_ode_form
-from resode_lightning.core.io import atomic_write_text
-from resode_lightning.core.models import randomize_norms
+from resode_lightning.core.files import atomic_write_text
+from resode_lightning.core.metrics import METRICS, metric_table
 from resode_lightning.core.odeform import stage_tensors
-from resode_lightning.core.smoothness import METRICS, metric_table
+from resode_lightning.testing import randomize_norms
 
 TIMM_FAMILIES = ("resnet", "resnetv2", "senet", "sknet", "res2net", "resnest", "regnet", "byobnet")
 TOLERANCE = 1e-5

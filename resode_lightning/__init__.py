@@ -16,11 +16,11 @@ from resode_lightning.core.blocks import (
     registered_blocks,
     registration_scope,
 )
-from resode_lightning.core.io import CheckpointError, load_into, load_state_dict_file
+from resode_lightning.core.files import CheckpointError, load_into, load_state_dict_file
+from resode_lightning.core.metrics import smoothness_metrics, smoothness_report
 from resode_lightning.core.models import PreActBlock, ode_resnet
 from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
 from resode_lightning.core.plots import plot_smoothness
-from resode_lightning.core.smoothness import smoothness_metrics, smoothness_report
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from resode_lightning.export import (

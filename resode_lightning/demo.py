@@ -26,13 +26,14 @@ from torch import nn
 from resode_lightning.callbacks import DepthSampling, NeuralODEExport, SmoothnessMonitor
 from resode_lightning.cli import main as resode
 from resode_lightning.cli.train import cli
-from resode_lightning.core.io import atomic_save, atomic_write, atomic_write_text, load_into
-from resode_lightning.core.models import randomize_norms, torchvision_resnet
+from resode_lightning.core.files import atomic_save, atomic_write, atomic_write_text, load_into
+from resode_lightning.core.metrics import METRICS
+from resode_lightning.core.models import torchvision_resnet
 from resode_lightning.core.odeform import to_ode_form
 from resode_lightning.core.plots import plot_smoothness
-from resode_lightning.core.smoothness import METRICS
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export import export_neural_ode, load_neural_ode
+from resode_lightning.testing import randomize_norms
 
 CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: runs from an installed wheel
 RUNS = {"tied": "digits_ode_resnet.yaml", "iid": "digits_iid.yaml"}

@@ -19,8 +19,8 @@ from resode_lightning import (
     smoothness_report,
     to_ode_form,
 )
-from resode_lightning.core.models import randomize_norms
 from resode_lightning.core.stages import last_layer_name
+from resode_lightning.testing import randomize_norms
 
 TORCHVISION = ["regnet_x_400mf", "regnet_y_400mf"]
 SMALL_REGNET = {"depth": 13, "w0": 24, "wa": 36.44, "wm": 2.49, "group_size": 8}

@@ -10,11 +10,11 @@ from functools import partial
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from resode_lightning import export_neural_ode, find_stages, smoothness_report, to_ode_form
 from resode_lightning.core.adapters import register_timm_if_imported
 from resode_lightning.core.blocks import adapter_for
+from resode_lightning.testing import randomize_norms
 
 timm = pytest.importorskip("timm")
 
@@ -51,25 +51,6 @@ ARCHS: dict[str, tuple[dict, list[tuple[str, int]]]] = {
 }
 
 
-@torch.no_grad()
-def _randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random running statistics and affine parameters for every BatchNorm and GroupNorm.
-
-    timm zero-initialises the last norm of each block, which makes every branch vanish.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if not isinstance(module, (_BatchNorm, nn.GroupNorm)):
-            continue
-        if getattr(module, "running_mean", None) is not None:
-            module.running_mean.uniform_(-0.5, 0.5, generator=generator)
-            module.running_var.uniform_(0.5, 2.0, generator=generator)
-        if module.weight is not None:
-            module.weight.uniform_(0.5, 1.5, generator=generator)
-            module.bias.uniform_(-0.2, 0.2, generator=generator)
-    return model
-
-
 def _relative(actual: Tensor, expected: Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
@@ -98,7 +79,7 @@ def test_archs_with_one_identity_block_per_stage_have_no_stage(arch: str):
 def test_ode_form_and_export_reproduce_the_model(arch: str):
     kwargs, expected = ARCHS[arch]
     model = timm.create_model(arch, pretrained=False, num_classes=10, **kwargs)
-    model = _randomize_norms(model).eval()
+    model = randomize_norms(model).eval()
     stages = find_stages(model)
     assert [(stage.name, stage.depth) for stage in stages] == expected
     x = torch.randn(2, 3, 64, 64)
@@ -162,7 +143,7 @@ BLOCKS = {
 def test_branch_mirrors_the_block_in_train_mode(name: str):
     """Drop-path and drop-block draw the same masks in the block and in its branch."""
     register_timm_if_imported()
-    block = _randomize_norms(BLOCKS[name]()).train()
+    block = randomize_norms(BLOCKS[name]()).train()
     adapter = adapter_for(block)
     assert adapter.is_identity_skip(block)
     x = torch.randn(4, 32, 8, 8)

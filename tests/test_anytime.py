@@ -25,8 +25,8 @@ from resode_lightning import (
 )
 from resode_lightning.cli import main as resode
 from resode_lightning.core.coarse import BatchStatistics, coarse_grid, coarse_steps
-from resode_lightning.core.io import CheckpointError
-from resode_lightning.core.models import PreActBlock, randomize_norms
+from resode_lightning.core.files import CheckpointError
+from resode_lightning.core.models import PreActBlock
 from resode_lightning.export.anytime import (
     accuracy_vs_steps,
     at_steps,
@@ -36,6 +36,7 @@ from resode_lightning.export.anytime import (
 )
 from resode_lightning.export.distill import distill_depth, distillation_loss
 from resode_lightning.export.solve import NeuralODEStage
+from resode_lightning.testing import randomize_norms
 
 
 def _net(depths=(8, 4), widths=(4, 8), init="iid", seed=0):

@@ -122,7 +122,7 @@ def test_md_files_named_in_docstrings_and_comments_exist() -> None:
         for path in repo_files({".py", ".sh"})
         if path.is_relative_to(ROOT / folder)
     ]
-    assert any(path.name == "smoothness.py" for path in sources)
+    assert any(path.name == "metrics.py" for path in sources)
     missing = []
     for source in sources:
         for line, text in docs_and_comments(source):

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from resode_lightning import export_neural_ode, ode_resnet
-from resode_lightning.core.models import randomize_norms, torchvision_resnet
+from resode_lightning.core.models import torchvision_resnet
 from resode_lightning.export.revolve import binomial_checkpoint, recomputations
 from resode_lightning.export.solve import NeuralODEStage
+from resode_lightning.testing import randomize_norms
 
 
 def stages(model: nn.Module) -> list[NeuralODEStage]:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from resode_lightning.core.history import Measurement, SmoothnessHistory
+from resode_lightning.core.metrics import ALL, METRICS
 from resode_lightning.core.plots import plot_smoothness, smoothness_figure
-from resode_lightning.core.smoothness import ALL, METRICS
 
 PARAMETERS = (ALL, "conv.weight")
 

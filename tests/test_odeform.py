@@ -17,8 +17,8 @@ from resode_lightning import (
     resample_depth,
     to_ode_form,
 )
-from resode_lightning.core.models import randomize_norms
 from resode_lightning.core.odeform import blocks_at_depth
+from resode_lightning.testing import randomize_norms
 
 ARCHS = [
     "resnet18",

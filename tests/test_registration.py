@@ -18,7 +18,7 @@ from resode_lightning import (
     smoothness_report,
     to_ode_form,
 )
-from resode_lightning.core.models import randomize_norms
+from resode_lightning.testing import randomize_norms
 
 
 class SEBlock(nn.Module):

@@ -15,9 +15,9 @@ from helpers.boring import NestedBackboneModule, loader
 from torch import nn
 
 from resode_lightning import SmoothnessMonitor, ode_resnet
+from resode_lightning.core.metrics import ALL, METRICS, smoothness_metrics
 from resode_lightning.core.models import torchvision_resnet
 from resode_lightning.core.odeform import stage_parameters
-from resode_lightning.core.smoothness import ALL, METRICS, smoothness_metrics
 from resode_lightning.core.stages import find_stages
 
 SIZE = 8

@@ -17,7 +17,7 @@ from resode_lightning import (
     register_block,
     registration_scope,
 )
-from resode_lightning.core.models import randomize_norms
+from resode_lightning.testing import randomize_norms
 
 SIZE = 16
 

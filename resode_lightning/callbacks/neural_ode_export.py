@@ -17,8 +17,8 @@ from resode_lightning._lightning import Callback
 from resode_lightning.core.blocks import BlockAdapterError
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import export_neural_ode
-from resode_lightning.export.io import save_neural_ode
 from resode_lightning.export.options import ExportOptions
+from resode_lightning.export.serialization import save_neural_ode
 
 
 class NeuralODEExport(Callback):

@@ -19,8 +19,8 @@ from typing_extensions import override
 
 from resode_lightning._lightning import Callback
 from resode_lightning.core.history import Measurement, SmoothnessHistory
+from resode_lightning.core.metrics import METRICS, depth_consistency, metric_table
 from resode_lightning.core.plots import save_figure, smoothness_figure
-from resode_lightning.core.smoothness import METRICS, depth_consistency, metric_table
 from resode_lightning.core.watch import WatchedStage, stage_inputs, watch_stages
 
 PREFIX = "smoothness"

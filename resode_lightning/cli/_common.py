@@ -9,7 +9,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from resode_lightning.core.io import CheckpointError, load_into, load_state_dict_file, strip_prefix
+from resode_lightning.core.files import (
+    CheckpointError,
+    load_into,
+    load_state_dict_file,
+    strip_prefix,
+)
 from resode_lightning.core.models import TORCHVISION_RESNETS, torchvision_resnet
 from resode_lightning.core.stages import MARKER
 

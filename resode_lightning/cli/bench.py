@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-from resode_lightning.bench import MALLOC_ENV, MODES, memory_benchmark
+from resode_lightning.memory_benchmark import MODES, memory_benchmark
 
 HELP = "peak memory and time of one training step: ResNet stage vs neural ODE gradient modes"
 
@@ -24,13 +21,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-
-
-def ensure_malloc_env(argv: list[str]) -> None:
-    """Re-run the process with :data:`MALLOC_ENV` set when it is missing (CPU memory proxy)."""
-    if all(os.environ.get(key) == value for key, value in MALLOC_ENV.items()):
-        return
-    os.execve(sys.executable, [sys.executable, *argv], {**os.environ, **MALLOC_ENV})
 
 
 def table(result: dict) -> str:
@@ -55,15 +45,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def measure(args: argparse.Namespace, *, own_process: bool) -> dict:
-    """Run the memory benchmark with the options of :func:`add_arguments`.
-
-    On CPU, ``own_process`` allows re-running the process with :data:`MALLOC_ENV` set (the
-    memory proxy needs it); a caller's program is never re-run.
-    """
+def measure(args: argparse.Namespace) -> dict:
+    """Run the memory benchmark with the options of :func:`add_arguments`."""
     if args.device == "cpu":
-        if own_process:
-            ensure_malloc_env([*sys.orig_argv[1:]])
         torch.set_num_threads(args.threads)
     elif not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
@@ -85,7 +69,7 @@ def ratio_lines(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = measure(args, own_process=Path(sys.argv[0]).name in ("resode", "__main__.py"))
+    result = measure(args)
     print(table(result))
     print(ratio_lines(result))
     return 0

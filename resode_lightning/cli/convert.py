@@ -16,7 +16,7 @@ from resode_lightning.cli._common import (
     output_change,
     skeleton,
 )
-from resode_lightning.core.io import atomic_save, writable_target
+from resode_lightning.core.files import atomic_save, writable_target
 from resode_lightning.core.models import TORCHVISION_RESNETS
 from resode_lightning.core.odeform import check_step, to_ode_form
 from resode_lightning.core.stages import find_stages

@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from resode_lightning.core.io import load_into, load_state_dict_file, strip_prefix
+from resode_lightning.core.files import load_into, load_state_dict_file, strip_prefix
 from resode_lightning.data.base import ImageDataModule
 from resode_lightning.export.anytime import accuracy_vs_steps
 from resode_lightning.export.distill import distill_depth
-from resode_lightning.export.io import save_neural_ode
+from resode_lightning.export.serialization import save_neural_ode
 from resode_lightning.lit.classifier import BACKBONES, build_backbone
 
 HELP = "fine-tune a trained ResNet into a neural ODE that runs at any number of steps"

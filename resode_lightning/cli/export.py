@@ -13,11 +13,11 @@ import time
 from dataclasses import fields
 
 from resode_lightning.cli._common import add_max_classes, load_torchvision, output_change
-from resode_lightning.core.io import writable_target
+from resode_lightning.core.files import writable_target
 from resode_lightning.core.models import TORCHVISION_RESNETS
 from resode_lightning.export.build import export_neural_ode
-from resode_lightning.export.io import save_neural_ode
 from resode_lightning.export.options import ExportOptions
+from resode_lightning.export.serialization import save_neural_ode
 
 HELP = "export a torchvision ResNet checkpoint as a neural ODE (torchdiffeq, adjoint/checkpoint)"
 MAX_SIZE = 1024

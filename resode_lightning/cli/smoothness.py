@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from resode_lightning.cli._common import add_max_classes, load_torchvision
+from resode_lightning.core.metrics import METRICS, smoothness_report
 from resode_lightning.core.models import TORCHVISION_RESNETS
-from resode_lightning.core.smoothness import METRICS, smoothness_report
 
 HELP = "print the per-stage weight smoothness of a ResNet checkpoint (.pth/.ckpt)"
 

@@ -24,7 +24,7 @@ from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from resode_lightning.core.io import CheckpointError, load_state_dict_file
+from resode_lightning.core.files import CheckpointError, load_state_dict_file
 from resode_lightning.data.base import DataError, ImageDataModule
 from resode_lightning.lit.classifier import ImageClassifier
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from resode_lightning.core.smoothness import ALL, METRICS
+from resode_lightning.core.metrics import ALL, METRICS
 
 FIELDS: tuple[str, ...] = (
     "step",
@@ -30,7 +30,7 @@ _WEIGHT_NORM = METRICS.index("weight_norm")
 
 
 class Measurement(NamedTuple):
-    """One stage measured once (:func:`~resode_lightning.core.smoothness.metric_table`).
+    """One stage measured once (:func:`~resode_lightning.core.metrics.metric_table`).
 
     Attributes:
         stage: the stage's name.

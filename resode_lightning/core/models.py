@@ -7,7 +7,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from resode_lightning.core.blocks import register_block
 from resode_lightning.core.odeform import convert_stage
@@ -256,29 +255,3 @@ def torchvision_resnet(arch: str, *, num_classes: int = 1000, **kwargs: object) 
             f"unknown architecture {arch!r}; choose one of {', '.join(TORCHVISION_RESNETS)}"
         )
     return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-
-
-NORMS = (nn.modules.batchnorm._NormBase, FrozenBatchNorm2d)
-
-
-@torch.no_grad()
-def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm of ``model`` random statistics and affine parameters, in place.
-
-    A randomly initialised net has identity norms, which hides mistakes in conversions and
-    exports; this makes it behave like a trained one for such checks. Returns ``model``.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for module in model.modules():
-        if isinstance(module, NORMS) and module.running_mean is not None:
-            shape = module.running_mean.shape
-
-            def draw(low: float, high: float, shape: torch.Size = shape) -> torch.Tensor:
-                return torch.empty(shape).uniform_(low, high, generator=generator)
-
-            module.running_mean.copy_(draw(-0.5, 0.5))
-            module.running_var.copy_(draw(0.5, 2.0))
-            if module.weight is not None:
-                module.weight.copy_(draw(0.5, 1.5))
-                module.bias.copy_(draw(-0.2, 0.2))
-    return model

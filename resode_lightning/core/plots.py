@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from resode_lightning.core.files import atomic_write
 from resode_lightning.core.history import SmoothnessHistory
-from resode_lightning.core.io import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from resode_lightning.core.metrics import ALL
 from resode_lightning.core.odeform import stage_tensors
-from resode_lightning.core.smoothness import ALL
 from resode_lightning.core.stages import Stage, find_stages
 
 

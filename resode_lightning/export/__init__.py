@@ -4,7 +4,7 @@ from resode_lightning.export.anytime import accuracy_vs_steps, at_steps, set_ste
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.distill import distill_depth
 from resode_lightning.export.field import VectorField, WeightPath
-from resode_lightning.export.io import load_neural_ode, save_neural_ode
+from resode_lightning.export.serialization import load_neural_ode, save_neural_ode
 from resode_lightning.export.solve import NeuralODEStage
 
 __all__ = [

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resode_lightning.core.io import CheckpointError, atomic_save
+from resode_lightning.core.files import CheckpointError, atomic_save
 from resode_lightning.export.anytime import resolve_steps, set_steps
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.options import ExportOptions

@@ -20,7 +20,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from resode_lightning.core.io import load_into, load_state_dict_file, strip_prefix
+from resode_lightning.core.files import load_into, load_state_dict_file, strip_prefix
 from resode_lightning.core.models import TORCHVISION_RESNETS, ode_resnet, torchvision_resnet
 
 BACKBONES: tuple[str, ...] = ("ode_resnet", *TORCHVISION_RESNETS)

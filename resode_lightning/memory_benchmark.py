@@ -19,13 +19,14 @@ Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the step minus the m
 allocated before it. On CPU, the rise of the process's peak resident memory during the step
 (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, minus ``VmRSS`` before; Linux
 only), after ``malloc_trim(0)`` has returned glibc's free heap pages, so that every page the
-step touches shows. Large blocks should be returned to the system as soon as they are freed:
-run with ``MALLOC_MMAP_THRESHOLD_=65536`` in the environment (``resode bench`` and
-``benchmarks/memory.py`` set it) and one thread (``torch.set_num_threads(1)``). The CPU figure
-is a proxy: it also counts allocator fragmentation. A heap fragmented by earlier, larger
-measurements inflates later ones (up to 2x measured at 4 to 64 steps after 256), so on CPU
+step touches shows, and one thread (``torch.set_num_threads(1)``). The CPU figure is a proxy:
+it also counts allocator fragmentation. A heap fragmented by earlier, larger measurements
+inflates later ones (up to 2x measured at 4 to 64 steps after 256), so on CPU
 :func:`memory_benchmark` measures each mode and number of steps in a forked child of the
-calling process (:func:`in_fresh_process`), which starts from the same heap every time.
+calling process (:func:`in_fresh_process`), which starts from the same heap every time and
+hands blocks of :data:`MMAP_THRESHOLD` bytes or more straight back to the system when they are
+freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``, set in the child only), so that every tensor
+counts.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import contextlib
 import ctypes
 import gc
 import multiprocessing
-import os
 import re
 import statistics
 import time
@@ -64,8 +64,10 @@ MODES: tuple[str, ...] = (
 )
 RECURSIVE_CHECKPOINTS = 4
 """Stored states of the ``recursive`` mode."""
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-"""Environment under which the CPU memory proxy counts every tensor (see the module docstring)."""
+MMAP_THRESHOLD = 65536
+"""Bytes from which a measuring child process maps each allocation on its own (see the module
+docstring)."""
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 T = TypeVar("T")
 
 
@@ -144,6 +146,15 @@ def _proc_bytes(key: str) -> int:
     return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE).group(1)) * 1024
 
 
+def _mmap_large_blocks() -> bool:
+    """Make glibc map every allocation of :data:`MMAP_THRESHOLD` bytes or more on its own, so
+    that freeing it returns it to the system; ``False`` where the C library is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def _malloc_trim() -> None:
     """Return glibc's free heap pages to the system, so that reusing them shows in the RSS."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: the proxy underestimates
@@ -211,9 +222,11 @@ def in_fresh_process(function: Callable[..., T], *args: Any, **kwargs: Any) -> T
     """``function(*args, **kwargs)`` run in a forked child process; returns its result.
 
     The child starts from this process's heap, untouched by the measurements made in other
-    children. CPU only (a forked child cannot use CUDA); Linux, like the CPU memory proxy.
+    children, and maps large blocks on their own (:func:`_mmap_large_blocks`); this process's
+    allocator is left as it is. CPU only (a forked child cannot use CUDA); Linux, like the CPU
+    memory proxy.
     """
-    with multiprocessing.get_context("fork").Pool(1) as pool:
+    with multiprocessing.get_context("fork").Pool(1, initializer=_mmap_large_blocks) as pool:
         return pool.apply(function, args, kwargs)
 
 
@@ -307,7 +320,7 @@ def memory_benchmark(
         "state_bytes": state_bytes,
         "rows": rows,
         "ratios": summary_ratios(rows, state_bytes),
-        "environment": {key: os.environ.get(key) for key in MALLOC_ENV},
+        "mmap_threshold": MMAP_THRESHOLD if device.type == "cpu" else None,
     }
 
 

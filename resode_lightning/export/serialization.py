@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from resode_lightning.core.blocks import qualified_name
-from resode_lightning.core.io import CheckpointError, atomic_save, safe_torch_load
+from resode_lightning.core.files import CheckpointError, atomic_save, safe_torch_load
 from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import export_neural_ode, exported_config

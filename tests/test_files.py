@@ -20,7 +20,7 @@ from resode_lightning import (
     to_ode_form,
 )
 from resode_lightning.cli import main
-from resode_lightning.core.io import atomic_save, atomic_write, strip_prefix
+from resode_lightning.core.files import atomic_save, atomic_write, strip_prefix
 
 
 class Payload:

@@ -10,15 +10,15 @@ from torch import nn
 
 from resode_lightning import ode_resnet, plot_smoothness, smoothness_report, to_ode_form
 from resode_lightning.cli import main
-from resode_lightning.core.models import torchvision_resnet
-from resode_lightning.core.odeform import stage_parameters, stage_tensors
-from resode_lightning.core.smoothness import (
+from resode_lightning.core.metrics import (
     ALL,
     METRICS,
     depth_consistency,
     metric_table,
     smoothness_metrics,
 )
+from resode_lightning.core.models import torchvision_resnet
+from resode_lightning.core.odeform import stage_parameters, stage_tensors
 from resode_lightning.core.stages import find_stages
 
 
@@ -236,7 +236,7 @@ def test_cli_refuses_an_unknown_architecture(tmp_path, capsys):
 
 
 def test_a_tensor_that_is_zero_in_every_block_is_perfectly_smooth():
-    from resode_lightning.core.smoothness import metric_table
+    from resode_lightning.core.metrics import metric_table
 
     zeros = [torch.zeros(3) for _ in range(4)]
     table, _ = metric_table({"bias": zeros, "weight": [torch.randn(3) for _ in range(4)]})
