@@ -37,7 +37,7 @@ run() {  # run NAME TIMEOUT_S COMMAND...: one step, its output appended to the l
 
 # time limits in seconds: 45 + 75 + 80 + 80 + 60 + 110 = 450
 run "CUDA tests" 45 "$PY" -m pytest -q -p no:xdist -p no:cacheprovider -k "cuda or gpu" tests
-run "SmoothnessMonitor overhead (resnet50, batch 32, 224x224)" 75 "$PY" benchmarks/monitor_overhead.py --device cuda
+run "SmoothnessMonitor overhead (resnet50, batch 16, 224x224)" 75 "$PY" benchmarks/monitor_overhead.py --device cuda --rounds 2 --steps 100
 run "Peak memory vs steps (width 64, 32x32, batch 32)" 80 "$PY" benchmarks/memory.py --device cuda --width 64 --size 32 --batch 32
 run "Inference latency: exported neural ODE vs source (224x224, batch 64)" 80 "$PY" benchmarks/speed.py --device cuda --size 224 --batch 64
 run "Adjoint gradient error and memory" 60 "$PY" benchmarks/adjoint.py --device cuda
