@@ -366,7 +366,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
         mean = statistics.fmean(values)
         met = mean >= bound if kind == ">=" else mean <= bound
         miss = abs(mean - bound)
-        scale, fmt = (100.0, ".1f") if unit == "pt" else (1.0, ".2f")
+        scale, fmt = (100.0, ".2f") if unit == "pt" else (1.0, ".3f")
         checks.append(
             {
                 "target": name,
