@@ -11,7 +11,7 @@ stores each block's input, and whose parameters and gradients also grow with the
 the growth split (:func:`growth_split`) into stored states and bytes that do not scale with
 the state. On CPU, the recursive ratio is also given for the peak of allocated tensor bytes
 (:func:`allocated_peaks`), which the proxy's fixed host-side and allocator bytes do not blur.
-Writes benchmarks/results/memory_<device>.{json,png,md}.
+Writes benchmarks/results/memory_<device>.{json,png,md} (or ``--name``).
 
     python benchmarks/memory.py                       # CPU proxy (one thread)
     python benchmarks/memory.py --device cuda         # torch.cuda.max_memory_allocated
@@ -204,6 +204,7 @@ def main() -> None:
     add_arguments(parser)
     parser.set_defaults(steps=STEPS, repeats=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", help="results file stem (default memory_<device>)")
     args = parser.parse_args()
     result = measure(args)
     split_modes = tuple(mode for mode in SPLIT_MODES if mode in args.modes)
@@ -219,7 +220,7 @@ def main() -> None:
     result["targets"] = targets(result, result["growth_split"], seconds, allocated)
     device = torch.device(args.device).type
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"memory_{device}"
+    stem = args.out / (args.name or f"memory_{device}")
     atomic_write_text(json.dumps(result, indent=2), stem.with_suffix(".json"))
     atomic_write_text(
         f"Peak memory and time of one training step ({result['device']}, width {args.width}, "
