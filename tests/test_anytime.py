@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from helpers.boring import NestedBackboneModule, loader
+from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 from pytorch_lightning import Callback, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.resnet import BasicBlock, ResNet
@@ -269,16 +269,7 @@ class _CountBlocks(Callback):
 
 def _fit(callbacks, steps=6):
     module = NestedBackboneModule(ode_resnet(depths=(8,), widths=(4,), init="tied", seed=0))
-    trainer = Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, loader(count=4 * steps, size=16))
     return module
 
@@ -306,15 +297,8 @@ def test_depth_sampling_trains_ode_form_torchvision_and_timm_nets(kind):
     for block in blocks:
         block.register_forward_pre_hook(lambda *_: calls.append(torch.is_grad_enabled()))
     before = [b.conv1.weight.detach().clone() for b in blocks]
-    trainer = Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[ODEForm(), DepthSampling(steps=(1.0, 0.5))],
+    trainer = quiet_trainer(
+        max_steps=2, limit_val_batches=0, callbacks=[ODEForm(), DepthSampling(steps=(1.0, 0.5))]
     )
     trainer.fit(module, loader(count=8, size=32))
     depth = stage.depth

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import one_line_error
 from helpers.fake_data import write_cifar10, write_image_folder
 
 from resode_lightning.cli import SUBCOMMANDS, convert, main
@@ -185,21 +186,12 @@ def _convert(weights, out, *extra):
     return ["convert", "--arch", "resnet18", "--weights", str(weights), "--out", str(out), *extra]
 
 
-def _one_line_error(output, command, *parts):
-    lines = output.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"resode {command}: error: "), output.err
-    assert "Traceback" not in output.err and "weights_only" not in output.err
-    for part in parts:
-        assert str(part) in lines[0], (part, lines[0])
-    return lines[0]
-
-
 @pytest.mark.parametrize("horizon", ["1e308", "1e-300", "nan", "inf", "0"])
 def test_convert_refuses_unrepresentable_horizons_up_front(horizon, tmp_path, capsys):
     args = _convert(tmp_path / "never-read.pth", tmp_path / "out.pt", "--horizon", horizon)
     status, output = _run(args, capsys)
     assert status == 2
-    _one_line_error(output, "convert", "horizon")
+    one_line_error(output, "convert", "horizon")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -210,14 +202,14 @@ def test_convert_refuses_non_finite_weights_and_markers(r18, tmp_path, capsys):
     torch.save(poisoned, tmp_path / "nan.pth")
     status, output = _run(_convert(tmp_path / "nan.pth", tmp_path / "out.pt"), capsys)
     assert status == 2
-    _one_line_error(output, "convert", tmp_path / "nan.pth", "'layer1.0.conv1.weight'", "NaN")
+    one_line_error(output, "convert", tmp_path / "nan.pth", "'layer1.0.conv1.weight'", "NaN")
     ode = torch.load(ode_file, weights_only=True)
     for value in ("nan", "inf", "1e308", "-1", "0"):
         ode["layer1.ode_horizon"] = torch.tensor(float(value), dtype=torch.float64)
         torch.save(ode, tmp_path / "marker.pth")
         status, output = _run(_convert(tmp_path / "marker.pth", tmp_path / "out.pt"), capsys)
         assert status == 2, value
-        _one_line_error(output, "convert", tmp_path / "marker.pth", "'layer1.ode_horizon'")
+        one_line_error(output, "convert", tmp_path / "marker.pth", "'layer1.ode_horizon'")
     assert not (tmp_path / "out.pt").exists()
 
 
@@ -227,7 +219,7 @@ def test_convert_writes_nothing_when_its_own_check_fails(r18, tmp_path, capsys):
     args = _convert(weights, tmp_path / "out.pt", "--horizon", "3", "--tolerance", "0")
     status, output = _run(args, capsys)
     assert status == 2
-    _one_line_error(output, "convert", "above --tolerance 0", "nothing was written")
+    one_line_error(output, "convert", "above --tolerance 0", "nothing was written")
     assert (tmp_path / "out.pt").read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
 
@@ -253,13 +245,13 @@ def test_convert_output_paths_are_checked_before_any_work(r18, tmp_path, capsys,
     for out, expected in cases.items():
         status, output = _run(_convert(weights, out), capsys)
         assert status == 2
-        _one_line_error(output, "convert", expected)
+        one_line_error(output, "convert", expected)
     assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
     assert device is None or stat.S_ISCHR(os.lstat(device).st_mode)
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     status, output = _run(_convert(weights, tmp_path / "out.pt"), capsys)
     assert status == 2
-    _one_line_error(output, "convert", "is not writable")
+    one_line_error(output, "convert", "is not writable")
 
 
 def test_convert_writes_through_a_symlink(r18, tmp_path, capsys):
@@ -310,7 +302,7 @@ def test_bad_checkpoints_end_in_one_line_and_status_2(command, tmp_path, capsys)
         }[command]  # fmt: skip
         status, output = _run(args, capsys)
         assert status == 2, (kind, output)
-        _one_line_error(output, command, path)
+        one_line_error(output, command, path)
     assert not (tmp_path / "out.pt").exists() and not (tmp_path / "executed").exists()
 
 
@@ -320,9 +312,7 @@ def test_convert_refuses_more_classes_than_max_classes(tmp_path, capsys):
         _convert(tmp_path / "head.pth", tmp_path / "out.pt", "--max-classes", "10"), capsys
     )
     assert status == 2
-    _one_line_error(
-        output, "convert", "'fc.weight' declares 20 classes, more than --max-classes 10"
-    )
+    one_line_error(output, "convert", "'fc.weight' declares 20 classes, more than --max-classes 10")
 
 
 def test_smoothness_on_many_long_keys_finishes_quickly(tmp_path, capsys):
@@ -339,4 +329,4 @@ def test_smoothness_on_many_long_keys_finishes_quickly(tmp_path, capsys):
     torch.save(state, tmp_path / "keys.pth")
     status, output = _run(["smoothness", str(tmp_path / "keys.pth")], capsys)
     assert status == 2
-    _one_line_error(output, "smoothness", "cannot infer the architecture")
+    one_line_error(output, "smoothness", "cannot infer the architecture")

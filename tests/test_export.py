@@ -279,22 +279,13 @@ def test_cli_export(tmp_path, capsys):
 
 
 def test_callback_exports_at_fit_end(tmp_path):
-    from helpers.boring import NestedBackboneModule, loader
-    from pytorch_lightning import Trainer
+    from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 
     with pytest.raises(ValueError, match="knots must be"):
         NeuralODEExport(tmp_path / "x.pt", knots=1)
     module = NestedBackboneModule(ode_resnet(depths=(2,), widths=(4,), seed=0))
     path = tmp_path / "out" / "ode.pt"
-    trainer = Trainer(
-        max_steps=1,
-        callbacks=[NeuralODEExport(path, method="rk4")],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = quiet_trainer(max_steps=1, callbacks=[NeuralODEExport(path, method="rk4")])
     trainer.fit(module, loader(count=4, size=8))
     loaded = load_neural_ode(path)
     x = torch.randn(1, 3, 8, 8)

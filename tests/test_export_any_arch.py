@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers.boring import NestedBackboneModule, loader
+from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 from pytorch_lightning import Trainer
 from torch import nn
 
@@ -195,15 +195,7 @@ class CountedModule(NestedBackboneModule):
 
 
 def _trainer(callback: NeuralODEExport) -> Trainer:
-    return Trainer(
-        max_steps=2,
-        callbacks=[callback],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    return quiet_trainer(max_steps=2, callbacks=[callback])
 
 
 def test_callback_saves_a_custom_network_that_loads_from_a_skeleton(tmp_path):

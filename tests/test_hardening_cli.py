@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers.cli import one_line_error
 from helpers.fake_data import write_cifar10, write_image_folder
 
 from resode_lightning.cli import export, main
@@ -33,15 +34,6 @@ def _argv(monkeypatch):
 def _run(args, capsys):
     status = main(args)
     return status, capsys.readouterr()
-
-
-def _one_line_error(output, command, *parts):
-    lines = output.err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"resode {command}: error: "), output.err
-    assert "Traceback" not in output.err and "weights_only" not in output.err
-    for part in parts:
-        assert str(part) in lines[0], (part, lines[0])
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- --ckpt_path
@@ -119,7 +111,7 @@ def test_validate_ckpt_path_bad_files_end_in_one_line_and_status_2(tmp_path, cap
         args = ["validate", "--config", DIGITS, *CPU, TINY, f"--ckpt_path={path}"]
         status, output = _run(args, capsys)
         assert status == 2, (kind, output.err)
-        _one_line_error(output, "validate", path, message)
+        one_line_error(output, "validate", path, message)
     assert not (tmp_path / "executed").exists()
 
 
@@ -131,7 +123,7 @@ def test_other_commands_check_the_ckpt_path_file_too(command, tmp_path, capsys):
         args = [command, "--config", DIGITS, *CPU, TINY, f"--ckpt_path={path}"]
         status, output = _run(args, capsys)
         assert status == 2, (kind, output.err)
-        _one_line_error(output, command, path, message)
+        one_line_error(output, command, path, message)
     assert not (tmp_path / "executed").exists()
 
 
@@ -142,7 +134,7 @@ def test_fit_needs_a_checkpoint_with_optimizer_state(tmp_path, capsys):
     args = ["fit", "--config", DIGITS, *CPU, TINY, f"--ckpt_path={tmp_path / 'weights-only.ckpt'}"]
     status, output = _run(args, capsys)
     assert status == 2
-    _one_line_error(output, "fit", "holds no optimizer and scheduler state", "--model.weights")
+    one_line_error(output, "fit", "holds no optimizer and scheduler state", "--model.weights")
 
 
 @pytest.mark.parametrize("keyword", ["best", "last"])
@@ -151,7 +143,7 @@ def test_evaluation_refuses_best_and_last_which_a_new_process_lacks(keyword, cap
     args = ["test", "--config", DIGITS, *CPU, TINY, f"--ckpt_path={keyword}"]
     status, output = _run(args, capsys)
     assert status == 2
-    _one_line_error(output, "test", f"--ckpt_path '{keyword}'", "give the checkpoint file")
+    one_line_error(output, "test", f"--ckpt_path '{keyword}'", "give the checkpoint file")
 
 
 @pytest.mark.parametrize(
@@ -165,7 +157,7 @@ def test_trainer_values_lightning_refuses_end_in_one_line(option, message, tmp_p
     """Lightning's MisconfigurationException was a raw traceback."""
     status, output = _run(["fit", "--config", DIGITS, *CPU, TINY, option], capsys)
     assert status == 2
-    _one_line_error(output, "fit", message)
+    one_line_error(output, "fit", message)
 
 
 # ----------------------------------------------------------------------------- data files
@@ -183,7 +175,7 @@ def test_fit_on_a_cifar_batch_with_string_labels(tmp_path, capsys, monkeypatch):
             "--data.init_args.num_workers=0"]  # fmt: skip
     status, output = _run(args, capsys)
     assert status == 2
-    _one_line_error(output, "fit", "data/cifar-10-batches-py/data_batch_1: 'labels' must be a list")
+    one_line_error(output, "fit", "data/cifar-10-batches-py/data_batch_1: 'labels' must be a list")
 
 
 def _image_folder_config(tmp_path: Path) -> Path:
@@ -206,7 +198,7 @@ def test_fit_on_an_image_folder_with_a_file_that_is_no_image(tmp_path, capsys):
     (tmp_path / "images" / "b" / "page.jpg").write_text("<html>not found</html>")
     status, output = _run(["fit", "--config", str(_image_folder_config(tmp_path))], capsys)
     assert status == 2
-    _one_line_error(output, "fit", tmp_path / "images" / "b" / "page.jpg", "remove or replace")
+    one_line_error(output, "fit", tmp_path / "images" / "b" / "page.jpg", "remove or replace")
 
 
 def test_fit_on_an_image_folder_skips_an_image_that_fails_to_decode(tmp_path, capsys):
@@ -246,7 +238,7 @@ def test_export_refuses_a_size_out_of_range_up_front(size, r18, tmp_path, capsys
     monkeypatch.setattr(export, "load_torchvision", _never)
     status, output = _run(_export(r18[1], tmp_path / "out.pt", "--size", size), capsys)
     assert status == 2
-    _one_line_error(output, "export", f"--size must be between 1 and 1024 pixels, got {size}")
+    one_line_error(output, "export", f"--size must be between 1 and 1024 pixels, got {size}")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -259,7 +251,7 @@ def test_export_checks_the_output_path_before_any_work(r18, tmp_path, capsys, mo
     for out, expected in cases.items():
         status, output = _run(_export(r18[1], out), capsys)
         assert status == 2
-        _one_line_error(output, "export", expected)
+        one_line_error(output, "export", expected)
     assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
 
 
@@ -270,10 +262,10 @@ def test_export_refuses_non_finite_weights_and_large_heads(r18, tmp_path, capsys
     torch.save(poisoned, tmp_path / "inf.pth")
     status, output = _run(_export(tmp_path / "inf.pth", tmp_path / "out.pt"), capsys)
     assert status == 2
-    _one_line_error(output, "export", tmp_path / "inf.pth", "'layer2.0.conv1.weight'", "NaN or inf")
+    one_line_error(output, "export", tmp_path / "inf.pth", "'layer2.0.conv1.weight'", "NaN or inf")
     status, output = _run(_export(r18[1], tmp_path / "out.pt", "--max-classes", "5"), capsys)
     assert status == 2
-    _one_line_error(output, "export", "declares 10 classes, more than --max-classes 5")
+    one_line_error(output, "export", "declares 10 classes, more than --max-classes 5")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.pth"]
 
 
@@ -284,6 +276,6 @@ def test_export_writes_nothing_when_its_output_is_not_finite(r18, tmp_path, caps
     (tmp_path / "out.pt").write_bytes(b"keep me")
     status, output = _run(_export(tmp_path / "huge.pth", tmp_path / "out.pt"), capsys)
     assert status == 2
-    _one_line_error(output, "export", "not finite", "nothing was written")
+    one_line_error(output, "export", "not finite", "nothing was written")
     assert (tmp_path / "out.pt").read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["huge.pth", "out.pt"]

@@ -8,6 +8,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from helpers.boring import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,18 +26,6 @@ from resode_lightning import (
 from resode_lightning.core.models import torchvision_resnet
 
 
-def _trainer(**kwargs) -> pl.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**options, **kwargs})
-
-
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_test_metrics_match_a_float64_hand_computation(label_smoothing):
     # The backbone is the identity, so the inputs are the logits.
@@ -45,7 +34,7 @@ def test_test_metrics_match_a_float64_hand_computation(label_smoothing):
     labels = torch.randint(0, 8, (40,), generator=generator)
     model = ImageClassifier(nn.Identity(), num_classes=8, label_smoothing=label_smoothing)
     loader = DataLoader(TensorDataset(logits, labels), batch_size=10)
-    (result,) = _trainer().test(model, loader, verbose=False)
+    (result,) = quiet_trainer().test(model, loader, verbose=False)
 
     x = logits.double()
     log_p = x - x.logsumexp(1, keepdim=True)
@@ -60,7 +49,7 @@ def test_test_metrics_match_a_float64_hand_computation(label_smoothing):
 
 def test_no_top5_with_five_classes_or_fewer():
     loader = DataLoader(TensorDataset(torch.randn(6, 5), torch.arange(6) % 5), batch_size=3)
-    (result,) = _trainer().test(
+    (result,) = quiet_trainer().test(
         ImageClassifier(nn.Identity(), num_classes=5), loader, verbose=False
     )
     assert set(result) == {"test/loss", "test/acc"}
@@ -150,7 +139,7 @@ def test_cosine_schedule_spans_all_optimizer_steps(optimizer):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append(trainer.optimizers[0].param_groups[0]["lr"])
 
-    _trainer(max_epochs=2, callbacks=[Record()], limit_val_batches=0).fit(model, _images())
+    quiet_trainer(max_epochs=2, callbacks=[Record()], limit_val_batches=0).fit(model, _images())
     expected = [0.05 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # 3 batches x 2 epochs
     assert seen == pytest.approx(expected, abs=1e-9)
     kind = torch.optim.SGD if optimizer == "sgd" else torch.optim.AdamW
@@ -160,7 +149,7 @@ def test_cosine_schedule_spans_all_optimizer_steps(optimizer):
 
 def test_checkpoint_of_an_ode_form_run_loads_back(tmp_path):
     model = ImageClassifier("resnet18", num_classes=3, lr=0.01)
-    trainer = _trainer(
+    trainer = quiet_trainer(
         max_steps=1, limit_val_batches=0, callbacks=[ODEForm()], default_root_dir=tmp_path
     )
     trainer.fit(model, _images(size=32))
@@ -173,7 +162,7 @@ def test_checkpoint_of_an_ode_form_run_loads_back(tmp_path):
 
 def test_predict_returns_class_probabilities():
     model = ImageClassifier(ode_resnet(depths=[2], widths=[4], num_classes=3), num_classes=3)
-    (probabilities, *_) = _trainer().predict(model, _images())
+    (probabilities, *_) = quiet_trainer().predict(model, _images())
     assert probabilities.shape == (4, 3)
     assert torch.allclose(probabilities.sum(1), torch.ones(4))
 
@@ -216,15 +205,11 @@ def test_either_namespace_fits_the_classifier_on_digits_with_all_callbacks(tmp_p
     data = DigitsDataModule(image_size=16, batch_size=64)  # 20 training batches per epoch
     monitor = SmoothnessMonitor(every_n_steps=10, plot=False)
     path = tmp_path / "digits_ode.pt"
-    trainer = lightning.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
+        lightning,
         max_epochs=2,
         limit_val_batches=1,
         logger=lightning.loggers.CSVLogger(tmp_path),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[ODEForm(), monitor, NeuralODEExport(path)],
     )
     trainer.fit(model, datamodule=data)

@@ -6,7 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision.models as tvm
-from helpers.boring import NestedBackboneModule, loader
+from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 
 from resode_lightning import ODEForm, is_ode_form, load_state_dict_file
 from resode_lightning.core.stages import find_stages
@@ -35,14 +35,11 @@ def outputs(module):
 
 
 def trainer(tmp_path, callbacks, max_steps=3, **kwargs):
-    return pl.Trainer(
+    return quiet_trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
         callbacks=callbacks,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         **kwargs,
     )
 
@@ -126,14 +123,12 @@ def test_works_with_the_lightning_pytorch_namespace(tmp_path):
     before = outputs(module)
     callback = ODEForm()
     assert isinstance(callback, lightning_pytorch.Callback) and isinstance(callback, pl.Callback)
-    lightning_pytorch.Trainer(
+    quiet_trainer(
+        lightning_pytorch,
         default_root_dir=tmp_path,
         max_steps=0,
         callbacks=[callback],
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
     ).fit(module, loader())
     assert is_ode_form(module)
     torch.testing.assert_close(outputs(module), before, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torchvision.models as tvm
-from helpers.boring import NestedBackboneModule, loader
+from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 
 from resode_lightning import ODEForm, is_ode_form, to_ode_form
 from resode_lightning.core.odeform import convert_state_dict, rescale_optimizer_state
@@ -71,16 +71,7 @@ def outputs(module: torch.nn.Module) -> torch.Tensor:
 
 
 def trainer(tmp_path, callbacks, max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=max_steps,
-        callbacks=callbacks,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    return quiet_trainer(default_root_dir=tmp_path, max_steps=max_steps, callbacks=callbacks)
 
 
 def plain_checkpoint(tmp_path, module: pl.LightningModule):

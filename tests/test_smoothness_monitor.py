@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.boring import NestedBackboneModule, loader
+from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 from torch import nn
 
 from resode_lightning import SmoothnessMonitor, ode_resnet
@@ -31,17 +31,11 @@ def trainer(tmp_path: Path, module=pl, **kwargs) -> pl.Trainer:
     options = dict(
         default_root_dir=tmp_path,
         logger=module.loggers.CSVLogger(tmp_path, name="", version=0),
-        accelerator="cpu",
-        devices=1,
         max_steps=6,
         log_every_n_steps=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
         num_sanity_val_steps=0,
     )
-    options.update(kwargs)
-    return module.Trainer(**options)
+    return quiet_trainer(module, **{**options, **kwargs})
 
 
 def csv_rows(tmp_path: Path) -> list[dict[str, str]]:

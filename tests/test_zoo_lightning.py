@@ -4,7 +4,7 @@ ODEForm, SmoothnessMonitor and NeuralODEExport, then resumed from their checkpoi
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.boring import NestedBackboneModule, loader
+from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 from torch import nn
 
 from resode_lightning import (
@@ -79,14 +79,11 @@ def gated_block():
 
 
 def _trainer(root, max_steps, callbacks):
-    return pl.Trainer(
+    return quiet_trainer(
         default_root_dir=root,
         max_steps=max_steps,
         callbacks=callbacks,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         num_sanity_val_steps=0,
     )
 

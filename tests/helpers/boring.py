@@ -1,6 +1,10 @@
-"""A minimal LightningModule holding a backbone under a nested attribute, and random images."""
+"""A minimal LightningModule holding a backbone under a nested attribute, random images, and a
+quiet Trainer."""
 
 from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -44,3 +48,17 @@ def random_images(
 
 def loader(count: int = 16, size: int = 32, batch_size: int = 4, seed: int = 0) -> DataLoader:
     return DataLoader(random_images(count, size, seed=seed), batch_size=batch_size)
+
+
+def quiet_trainer(namespace: ModuleType = pl, **kwargs: Any) -> pl.Trainer:
+    """A CPU Trainer of ``namespace`` (``pytorch_lightning`` or ``lightning.pytorch``) without
+    logger, checkpoints, progress bar or summary unless ``kwargs`` ask for them."""
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return namespace.Trainer(**{**options, **kwargs})
