@@ -24,8 +24,11 @@ from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from resode_lightning.export import (
+    DeployedStage,
+    ExportOptions,
     accuracy_vs_steps,
     at_steps,
+    deployable,
     distill_depth,
     export_neural_ode,
     load_neural_ode,
@@ -37,12 +40,14 @@ from resode_lightning.lit import ImageClassifier
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeployedStage",
     "BlockAdapter",
     "BlockAdapterError",
     "CIFAR10DataModule",
     "CheckpointError",
     "DepthSampling",
     "DigitsDataModule",
+    "ExportOptions",
     "ImageClassifier",
     "ImageFolderDataModule",
     "NeuralODEExport",
@@ -51,6 +56,7 @@ __all__ = [
     "Stage",
     "accuracy_vs_steps",
     "at_steps",
+    "deployable",
     "distill_depth",
     "export_neural_ode",
     "find_stages",

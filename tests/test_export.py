@@ -10,7 +10,9 @@ from torch import nn
 
 from resode_lightning import (
     CheckpointError,
+    DeployedStage,
     NeuralODEExport,
+    deployable,
     export_neural_ode,
     load_neural_ode,
     ode_resnet,
@@ -79,20 +81,23 @@ def test_euler_reproduces_ode_form_source_and_ode_resnet():
         )
 
 
-def test_export_keeps_the_source_and_folds_bn():
+def test_export_keeps_the_source_and_folds_bn_where_weights_are_bound():
     model = small_ode_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     exported = export_neural_ode(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     stage = ode_stages(exported)[0]
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in stage.modules())
-    assert sorted(stage.field.path.names) == [
-        "conv1.bias",
-        "conv1.weight",
-        "conv2.bias",
-        "conv2.weight",
-    ]
+    # the path holds the unfolded tensors, so every step count interpolates the blocks
+    assert {"conv1.weight", "bn1.weight", "bn1.running_var"} <= set(stage.field.path.names)
     assert stage.field.path.knots("conv1.weight").shape == (4, 4, 4, 3, 3)
+    # what inference binds is folded: no BatchNorm is left in the deployed stage
+    deployed = deployable(exported, steps=3)
+    stages = [m for m in deployed.modules() if isinstance(m, DeployedStage)]
+    assert stages and not any(isinstance(m, nn.BatchNorm2d) for m in stages[0].modules())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        unfolded = export_neural_ode(model, fold_bn=False, steps=3)
+        assert relative(deployed(x), unfolded(x)) <= 1e-5
     assert not exported.training
 
 

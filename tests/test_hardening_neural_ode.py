@@ -61,7 +61,7 @@ def _set(section, key, value):
         (lambda c: c.pop("export"), "expected format, source and export"),
         (_set("export", "colour", "red"), r"unknown export option\(s\) \['colour'\]"),
         (_set("export", "method", 7), "method must be one of"),
-        (_set("export", "steps", 10**9), "steps must be at most"),
+        (_set("export", "steps", 10**9), r"steps must be an int in \[1, 100,000\]"),
         (_set("source", "num_classes", 10**9), "source.num_classes must be an int"),
         (_set("source", "widths", [2**20]), "source.widths must be a non-empty list"),
         (_set("source", "depths", [20000]), "source.depths must be a non-empty list"),

@@ -7,10 +7,11 @@ on a random batch is finite.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import fields
+from typing import Any
 
 from resode_lightning.cli._common import add_max_classes, load_torchvision, output_change
 from resode_lightning.core.files import writable_target
@@ -57,10 +58,26 @@ def add_option_arguments(parser: argparse.ArgumentParser) -> None:
                 help=meta["help"],
             )
             continue
-        kind = {"int | None": int, "float": float, "Steps": parse_steps}.get(option.type, str)
         parser.add_argument(
-            flag, type=kind, default=option.default, choices=meta.get("choices"), help=meta["help"]
+            flag,
+            type=_argument_type(meta.get("parse", str)),
+            default=option.default,
+            choices=meta.get("choices"),
+            help=meta["help"],
         )
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ``ValueError`` message becomes argparse's own line."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
 def options_from(args: argparse.Namespace) -> ExportOptions:
@@ -68,21 +85,6 @@ def options_from(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(
         **{option.name: getattr(args, option.name) for option in fields(ExportOptions)}
     )
-
-
-def parse_steps(text: str | None) -> int | float | dict[str, int] | None:
-    """``"8"`` -> 8, ``"0.5"`` -> 0.5, ``'{"layer3": 6}'`` -> dict; ``None`` stays ``None``."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise ValueError(
-            f"--steps must be an int, a fraction or a JSON object, got {text!r}"
-        ) from None
-    if not isinstance(value, (int, float, dict)) or isinstance(value, bool):
-        raise ValueError(f"--steps must be an int, a fraction or a JSON object, got {text!r}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ loader: the curve a user picks a budget from.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -20,12 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resode_lightning.export.grid import GRID_METHODS
+from resode_lightning.export.options import Steps, steps_per_stage
 from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, NeuralODEStage
 
-Steps = int | float | Mapping[str, int]
-"""A budget: steps for every stage (an int), a fraction of each stage's source depth (a float),
-or ``{stage name: steps}`` (stages not named keep their steps)."""
-Setting = tuple[str, int | float | Mapping[str, int]]
+Setting = tuple[str, Steps]
 """``(method, steps)``: a fixed-grid method and a budget."""
 
 EVALUATIONS_PER_STEP: dict[str, int] = {
@@ -59,29 +57,16 @@ def ode_stages(model: nn.Module) -> dict[str, NeuralODEStage]:
 def resolve_steps(model: nn.Module, steps: Steps) -> dict[str, int]:
     """The steps each stage of ``model`` runs with under the budget ``steps``.
 
-    A fraction ``f`` gives ``max(1, round(f * L))`` steps to a stage of ``L`` source blocks.
+    ``None`` keeps every stage's steps; see
+    :func:`~resode_lightning.export.options.steps_per_stage` for the rest.
 
     Raises:
-        ValueError: a budget that is not a positive int, a positive fraction or a mapping of
-            stage names to positive ints; a name that is no stage of ``model``.
+        ValueError: an invalid budget (see :func:`~resode_lightning.export.options.check_steps`);
+            a name that is no stage of ``model``.
     """
     stages = ode_stages(model)
-    if isinstance(steps, Mapping):
-        unknown = sorted(set(steps) - set(stages))
-        if unknown:
-            raise ValueError(f"steps names unknown stage(s) {unknown}; stages are {list(stages)}")
-        for name, count in steps.items():
-            if not _positive_int(count):
-                raise ValueError(f"steps[{name!r}] must be a positive int, got {count!r}")
-        return {name: steps.get(name, stage.steps) for name, stage in stages.items()}
-    if _positive_int(steps):
-        return dict.fromkeys(stages, steps)
-    if isinstance(steps, float) and 0 < steps < math.inf:
-        return {name: max(1, round(steps * _depth(name, stage))) for name, stage in stages.items()}
-    raise ValueError(
-        f"steps must be a positive int, a positive fraction of each stage's depth, or a dict by "
-        f"stage name, got {steps!r}"
-    )
+    depths = {name: stage.source_depth for name, stage in stages.items()}
+    return steps_per_stage(steps, depths, {name: stage.steps for name, stage in stages.items()})
 
 
 def steps_of(model: nn.Module) -> dict[str, tuple[str, int | None]]:
@@ -128,6 +113,12 @@ def set_steps(
                 f"stages {adaptive} use an adaptive method, which chooses its own steps; pass "
                 f"method='euler' (or another fixed-grid method) to set_steps"
             )
+    recursive = [name for name, stage in stages.items() if stage.gradient == "recursive"]
+    if method is not None and method not in GRID_METHODS and recursive:
+        raise ValueError(
+            f"stages {recursive} use gradient='recursive', which needs a method of "
+            f"{tuple(GRID_METHODS)}, got {method!r}"
+        )
     previous = steps_of(model)
     for name, stage in stages.items():
         stage.method = method or stage.method
@@ -286,16 +277,3 @@ def _label(method: str | None, budget: Steps) -> str:
 def _device(model: nn.Module) -> torch.device:
     reference = next(iter(model.parameters()), None)
     return reference.device if reference is not None else torch.device("cpu")
-
-
-def _depth(name: str, stage: NeuralODEStage) -> int:
-    if stage.source_depth is None:
-        raise ValueError(
-            f"stage {name!r} does not record its source depth (exported by an older version): "
-            f"give steps as an int or a dict"
-        )
-    return stage.source_depth
-
-
-def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,7 +14,7 @@ from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.paths import Interpolation, fit_knots, knot_times
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.export.field import VectorField, WeightPath
-from resode_lightning.export.options import MAX_STEPS, ExportOptions, Steps
+from resode_lightning.export.options import ExportOptions, Steps, steps_per_stage
 from resode_lightning.export.solve import ADAPTIVE_METHODS, NeuralODEStage
 from resode_lightning.export.source import source_spec
 
@@ -58,6 +57,13 @@ def export_neural_ode(
         torch.Size([1, 1000])
     """
     options = (options or ExportOptions()).replace(**overrides)
+    return build_export(model, options)
+
+
+def build_export(
+    model: nn.Module, options: ExportOptions, *, fold_at_knots: bool = False
+) -> nn.Module:
+    """:func:`export_neural_ode` with its options resolved (``fold_at_knots``: see ``_field``)."""
     method, knots = options.method, options.knots
     exported = copy.deepcopy(model).eval()
     stages = find_stages(exported)
@@ -74,7 +80,14 @@ def export_neural_ode(
     for stage in reversed(stages):
         if not stage.is_ode_form:
             convert_stage(stage, 1.0)
-        field = _field(stage, options.interpolation, options.fold_bn, knots)
+        stochastic = [
+            f"block {k}: {layer}"
+            for k, block in enumerate(stage.blocks)
+            for layer in stochastic_layers(block)
+        ]
+        field = _field(
+            stage, options.interpolation, options.fold_bn, knots, fold_at_knots=fold_at_knots
+        )
         module = NeuralODEStage(
             field,
             stage.horizon,
@@ -87,6 +100,7 @@ def export_neural_ode(
             compile=options.compile,
             source_depth=stage.depth,
             stage_name=stage.name,
+            stochastic=tuple(stochastic),
         )
         _replace(stage, module)
     config = {"source": source_spec(model), "export": options.to_config()}
@@ -97,20 +111,8 @@ def export_neural_ode(
 def _resolve_steps(stages: list[Stage], method: str, steps: Steps) -> dict[str, int | None]:
     if method in ADAPTIVE_METHODS:
         return {stage.name: None for stage in stages}
-    if steps is None:
-        return {stage.name: stage.depth for stage in stages}
-    if isinstance(steps, Mapping):
-        names = {stage.name for stage in stages}
-        unknown = sorted(set(steps) - names)
-        if unknown:
-            raise ValueError(f"steps names unknown stage(s) {unknown}; stages are {sorted(names)}")
-        return {stage.name: steps.get(stage.name, stage.depth) for stage in stages}
-    if isinstance(steps, int):
-        return {stage.name: steps for stage in stages}
-    counts = {stage.name: max(1, round(steps * stage.depth)) for stage in stages}
-    if max(counts.values()) > MAX_STEPS:
-        raise ValueError(f"steps={steps!r} of each stage's depth gives more than {MAX_STEPS:,}")
-    return counts
+    depths = {stage.name: stage.depth for stage in stages}
+    return steps_per_stage(steps, depths, depths)
 
 
 def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: str) -> None:
@@ -136,8 +138,19 @@ def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: str) 
 
 
 def _field(
-    stage: Stage, interpolation: Interpolation, fold_bn: bool, knots: int | None
+    stage: Stage,
+    interpolation: Interpolation,
+    fold_bn: bool,
+    knots: int | None,
+    *,
+    fold_at_knots: bool = False,
 ) -> VectorField:
+    """The stage's field: a path through the blocks' unfolded tensors (ODE parametrisation).
+
+    BatchNorm is folded where a grid's weights are bound (``fold_bn``), after interpolation,
+    so that every step count computes the interpolated blocks. ``fold_at_knots`` folds the
+    knots themselves instead, as files of format 2 were written.
+    """
     adapter = stage.adapter
     blocks = stage.blocks
     scale = 1.0
@@ -145,9 +158,10 @@ def _field(
         scale = 1.0 / stage.step
     for block in blocks:
         set_block_step(block, adapter, None)
-        if fold_bn:
+        if fold_at_knots:
             fold_batchnorm(block, adapter.conv_bn_pairs(block))
-    trainable = {name for name, _ in blocks[0].named_parameters()}
+    pairs = adapter.conv_bn_pairs(blocks[0]) if fold_bn and not fold_at_knots else ()
+    trainable, frozen = _trainable(stage)
     states = [block.state_dict() for block in blocks]
     values = {
         name: torch.stack([state[name] for state in states]).detach()
@@ -161,8 +175,48 @@ def _field(
         }
         values = {name: value for name, (value, _) in fitted.items()}
         times = next(iter(fitted.values()))[1].cpu()
-    path = WeightPath(values, times, trainable, interpolation)
-    return VectorField(copy.deepcopy(blocks[0]), adapter.branch, stage.post, path, scale)
+    path = WeightPath(values, times, trainable, interpolation, frozen)
+    template = copy.deepcopy(blocks[0])
+    return VectorField(template, adapter.branch, stage.post, path, scale, pairs)
+
+
+def _trainable(stage: Stage) -> tuple[set[str], set[str]]:
+    """The block parameters' names, and those frozen (``requires_grad=False``) in every block.
+
+    Raises:
+        ValueError: a parameter is frozen in some blocks of the stage and not in others (one
+            path cannot be both).
+    """
+    flags: dict[str, set[bool]] = {}
+    for block in stage.blocks:
+        for name, parameter in block.named_parameters():
+            flags.setdefault(name, set()).add(parameter.requires_grad)
+    mixed = sorted(name for name, seen in flags.items() if len(seen) > 1)
+    if mixed:
+        raise ValueError(
+            f"stage {stage.name!r}: {mixed[0]} requires gradients in some blocks and not in "
+            f"others; one weight path cannot be both: freeze or unfreeze it in every block of "
+            f"the stage before exporting"
+        )
+    return set(flags), {name for name, seen in flags.items() if seen == {False}}
+
+
+def stochastic_layers(block: nn.Module) -> list[str]:
+    """The layers of ``block`` that are random in training (dropout, drop-path), described.
+
+    The field runs its template in eval mode, so a training-mode export cannot apply them.
+    """
+    found = []
+    for name, module in block.named_modules():
+        kind = type(module).__name__
+        rate = getattr(module, {"DropPath": "drop_prob", "StochasticDepth": "p"}.get(kind, "p"), 0)
+        random = isinstance(module, nn.modules.dropout._DropoutNd) or kind in (
+            "DropPath",
+            "StochasticDepth",
+        )
+        if random and isinstance(rate, (int, float)) and rate > 0:
+            found.append(f"{name} ({kind}, rate {rate:g})")
+    return found
 
 
 def _replace(stage: Stage, module: nn.Module) -> None:
@@ -184,7 +238,10 @@ def _replace(stage: Stage, module: nn.Module) -> None:
 
 
 def exported_config(model: nn.Module) -> dict[str, Any]:
-    """The export configuration recorded on a model returned by :func:`export_neural_ode`.
+    """The export configuration of a model returned by :func:`export_neural_ode`.
+
+    The method and steps are read from the stages as they run now (after
+    :func:`~resode_lightning.set_steps`), so the configuration states what the model computes.
 
     Raises:
         ValueError: ``model`` was not made by :func:`export_neural_ode`.
@@ -194,4 +251,15 @@ def exported_config(model: nn.Module) -> dict[str, Any]:
         raise ValueError(
             f"{type(model).__name__} was not made by export_neural_ode (no {CONFIG_ATTRIBUTE})"
         )
-    return config
+    stages = [module for module in model.modules() if isinstance(module, NeuralODEStage)]
+    methods = {stage.method for stage in stages}
+    if len(methods) != 1:
+        raise ValueError(
+            f"the stages run different methods {sorted(methods)}; give them one method "
+            f"(set_steps(model, steps, method=...)) before saving"
+        )
+    options = ExportOptions.from_config(config["export"])
+    method = methods.pop()
+    steps = None if method in ADAPTIVE_METHODS else {s.stage_name: s.steps for s in stages}
+    options = options.replace(method=method, steps=steps)
+    return {**config, "export": options.to_config()}

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from resode_lightning.core.blocks import Pairs, fold_batchnorm
 from resode_lightning.core.paths import INTERPOLATIONS, Interpolation, interpolate
 
 
@@ -42,6 +43,7 @@ class WeightPath(nn.Module):
         times: increasing knot times, shape ``(m,)`` (kept in float64).
         trainable: names whose path is an ``nn.Parameter``.
         interpolation: ``"constant"`` or ``"linear"`` in ``t`` between knots.
+        frozen: names of ``trainable`` whose parameter does not require gradients.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class WeightPath(nn.Module):
         times: Tensor,
         trainable: set[str],
         interpolation: Interpolation,
+        frozen: set[str] = frozenset(),
     ) -> None:
         super().__init__()
         if interpolation not in INTERPOLATIONS:
@@ -63,9 +66,14 @@ class WeightPath(nn.Module):
         for name, value in knots.items():
             value = value.detach().clone()
             if name in trainable:
-                self.values[_key(name)] = nn.Parameter(value)
+                self.values[_key(name)] = nn.Parameter(value, requires_grad=name not in frozen)
             else:
                 self.register_buffer(f"fixed-{_key(name)}", value)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> WeightPath:
+        # knots of a conv weight are 5-D: convert each knot as the conv's own 4-D weight, so that
+        # .to(memory_format=torch.channels_last) formats them as it formats the source's convs
+        return super()._apply(lambda tensor: _per_knot(fn, tensor), recurse)
 
     @property
     def count(self) -> int:
@@ -118,6 +126,12 @@ class WeightPath(nn.Module):
         }
 
 
+def _per_knot(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tensor:
+    if tensor.dim() != 5:
+        return fn(tensor)
+    return torch.stack([fn(knot) for knot in tensor.unbind(0)])
+
+
 class _Branch(nn.Module):
     """Calls an adapter's branch on a block, so that ``functional_call`` can swap its weights."""
 
@@ -143,6 +157,9 @@ class VectorField(nn.Module):
         path: the weights of every block tensor as a function of ``t``.
         scale: factor applied to the branch output (``L / horizon`` when the adapter has no
             layer that carries the ODE-form rescale, else 1).
+        fold_pairs: ``(conv, norm)`` submodule names of the template whose BatchNorm is folded
+            into the conv when weights are bound for inference (:meth:`bound_branch`); the path
+            holds the unfolded tensors, so folding never changes what is interpolated.
     """
 
     def __init__(
@@ -152,6 +169,7 @@ class VectorField(nn.Module):
         post: Callable[[Tensor], Tensor] | None,
         path: WeightPath,
         scale: float = 1.0,
+        fold_pairs: Pairs = (),
     ):
         super().__init__()
         template = _Branch(template, branch).eval()
@@ -163,6 +181,7 @@ class VectorField(nn.Module):
         )
         self.path = path
         self.scale = scale
+        self.fold_pairs = tuple(fold_pairs)
         self.prefix = "block."
 
     def branch_module(self) -> nn.Module:
@@ -180,6 +199,25 @@ class VectorField(nn.Module):
                 owner._buffers[leaf] = tensor
             else:
                 setattr(owner, leaf, tensor)
+
+    def bound_branch(self, weights: Mapping[str, Tensor], *, own: bool = False) -> nn.Module:
+        """A branch module computing ``F`` with ``weights``, its BatchNorm folded (inference).
+
+        ``own=False``: the module holds ``weights`` themselves (views, no copy before folding);
+        ``own=True``: it holds copies as its own parameters and buffers (a standalone module
+        that ``.to()``, ``state_dict()`` and graph capture treat as any other).
+        """
+        if own:
+            module = copy.deepcopy(self.template)
+            named = {self.prefix + name: tensor for name, tensor in weights.items()}
+            module.load_state_dict(named, strict=False)
+        else:
+            module = self.branch_module()
+            self.bind(module, weights)
+        if self.fold_pairs:
+            with torch.no_grad():
+                fold_batchnorm(module.block, self.fold_pairs)
+        return module
 
     def branch(self, t: Tensor, x: Tensor) -> Tensor:
         """The unprojected field ``F(t, x)``."""

@@ -81,10 +81,11 @@ class FieldOnGrid:
         key = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
         if key == self._weights_key:
             return
-        if len(self._modules) != len(self._times):
-            self._modules = [self.field.branch_module() for _ in self._times]
-        for module, weights in zip(self._modules, self._weights(self._times)):
-            self.field.bind(module, weights)
+        bound: dict[int, nn.Module] = {}  # one module per distinct weights (a knot, a blend)
+        self._modules = [
+            bound.setdefault(id(weights), self.field.bound_branch(weights))
+            for weights in self._weights(self._times)
+        ]
         self._weights_key = key
 
     def _weights(self, times: list[float]) -> list[dict[str, Tensor]]:
@@ -107,20 +108,33 @@ class FieldOnGrid:
 
     def step(self, k: int, x: Tensor) -> Tensor:
         """The state after step ``k`` from ``x``."""
-        h, post = self.step_size, self.field.post
-        branches = self._branches(k)
-        if self.method == "euler":
-            out = x + h * branches[0](x)
-            return post(out) if post is not None else out
+        return grid_step(self.method, self._branches(k), self.field.post, self.step_size, x)
 
-        def func(index: int, y: Tensor) -> Tensor:
-            value = branches[index](y)
-            return value if post is None else (post(y + h * value) - y) / h
 
-        k1 = func(0, x)
-        if self.method == "midpoint":
-            return x + h * func(1, x + k1 * (0.5 * h))
-        k2 = func(1, x + h * k1 * (1 / 3))
-        k3 = func(2, x + h * (k2 - k1 * (1 / 3)))
-        k4 = func(3, x + h * (k1 - k2 + k3))
-        return x + (k1 + 3 * (k2 + k3) + k4) * h * 0.125
+def grid_step(
+    method: str,
+    branches: list[Callable[[Tensor], Tensor]],
+    post: Callable[[Tensor], Tensor] | None,
+    h: float,
+    x: Tensor,
+) -> Tensor:
+    """One step of size ``h`` of a :data:`GRID_METHODS` method from ``x``.
+
+    ``branches`` are the unprojected field at the step's evaluation times; a post-step map
+    projects the field at resolution ``h`` (an Euler step is ``P(x + h F(x))``, as the block).
+    """
+    if method == "euler":
+        out = x + h * branches[0](x)
+        return post(out) if post is not None else out
+
+    def func(index: int, y: Tensor) -> Tensor:
+        value = branches[index](y)
+        return value if post is None else (post(y + h * value) - y) / h
+
+    k1 = func(0, x)
+    if method == "midpoint":
+        return x + h * func(1, x + k1 * (0.5 * h))
+    k2 = func(1, x + h * k1 * (1 / 3))
+    k3 = func(2, x + h * (k2 - k1 * (1 / 3)))
+    k4 = func(3, x + h * (k1 - k2 + k3))
+    return x + (k1 + 3 * (k2 + k3) + k4) * h * 0.125

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import math
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -16,9 +16,65 @@ from resode_lightning.core.paths import INTERPOLATIONS
 from resode_lightning.export.grid import GRID_METHODS
 from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, GRADIENTS
 
-Steps = int | float | dict[str, int] | None
+Steps = int | float | Mapping[str, int] | None
+"""A budget of solver steps: ``None`` (each stage's depth), an int for every stage, a fraction of
+each stage's depth, or ``{stage name: int}`` (stages not named keep theirs)."""
 MAX_STEPS = 100_000
 """The most solver steps per stage an export may take."""
+
+
+def check_steps(steps: Steps) -> None:
+    """Raise ``ValueError`` unless ``steps`` is a valid budget (``None`` included).
+
+    A budget is ``None`` (each stage's depth), an int in ``[1, MAX_STEPS]`` for every stage, a
+    positive fraction of each stage's depth (``0.5``: half), or ``{stage name: int}``.
+    """
+    if steps is None:
+        return
+    if isinstance(steps, Mapping):
+        for name, count in steps.items():
+            if not isinstance(name, str) or _not_int(count) or not 1 <= count <= MAX_STEPS:
+                raise ValueError(
+                    f"steps[{name!r}] must be an int in [1, {MAX_STEPS:,}], got {count!r}"
+                )
+        return
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be an int in [1, {MAX_STEPS:,}], got {steps!r}")
+        return
+    if not isinstance(steps, float) or not 0 < steps <= MAX_STEPS:
+        raise ValueError(
+            f"steps must be an int in [1, {MAX_STEPS:,}], a positive fraction of each stage's "
+            f"depth, or a dict by stage name, got {steps!r}"
+        )
+
+
+def parse_steps(text: str) -> Steps:
+    """A budget from command-line text: ``"8"``, ``"0.5"``, ``'{"layer3": 6}'`` or ``"None"``.
+
+    Raises:
+        ValueError: anything else, or an invalid budget.
+    """
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+        raise ValueError(
+            f"steps must be an int, a fraction, a JSON object by stage name or None, got {text!r}"
+        )
+    check_steps(value)
+    return value
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("none", "null") else int(text)
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
 
 
 @dataclass(frozen=True)
@@ -42,7 +98,8 @@ class ExportOptions:
         default=None,
         metadata={
             "help": "fixed-grid steps per stage: None (each stage's depth), an int, a fraction "
-            "of each stage's depth, or {stage name: int}"
+            "of each stage's depth, or {stage name: int}",
+            "parse": parse_steps,
         },
     )
     interpolation: str = field(
@@ -60,15 +117,25 @@ class ExportOptions:
     )
     checkpoints: int | None = field(
         default=None,
-        metadata={"help": "states stored by gradient='recursive' (default: ceil(log2 steps)+1)"},
+        metadata={
+            "help": "states stored by gradient='recursive' (default: ceil(log2 steps)+1)",
+            "parse": _optional_int,
+        },
     )
     fold_bn: bool = field(default=True, metadata={"help": "fold BatchNorm into the convs"})
     knots: int | None = field(
         default=None,
-        metadata={"help": "least-squares knots per stage (default: one per block)"},
+        metadata={
+            "help": "least-squares knots per stage (default: one per block)",
+            "parse": _optional_int,
+        },
     )
-    rtol: float = field(default=1e-5, metadata={"help": "relative tolerance, adaptive methods"})
-    atol: float = field(default=1e-6, metadata={"help": "absolute tolerance, adaptive methods"})
+    rtol: float = field(
+        default=1e-5, metadata={"help": "relative tolerance, adaptive methods", "parse": float}
+    )
+    atol: float = field(
+        default=1e-6, metadata={"help": "absolute tolerance, adaptive methods", "parse": float}
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the field"})
 
     def __post_init__(self) -> None:
@@ -136,10 +203,6 @@ def _choice(name: str, value: object) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def _not_int(value: object) -> bool:
-    return isinstance(value, bool) or not isinstance(value, int)
-
-
 def _check_steps(method: str, steps: Steps) -> None:
     if steps is None:
         return
@@ -148,17 +211,47 @@ def _check_steps(method: str, steps: Steps) -> None:
             f"steps={steps!r} is for fixed-grid methods: {method} chooses its own steps from rtol "
             f"and atol; pass steps=None, or a fixed-grid method such as 'rk4'"
         )
+    check_steps(steps)
+
+
+def steps_per_stage(
+    steps: Steps, depths: Mapping[str, int | None], current: Mapping[str, int]
+) -> dict[str, int]:
+    """The steps of every stage under the budget ``steps``: the one reading of a budget.
+
+    Args:
+        steps: a budget (see :func:`check_steps`).
+        depths: ``{stage name: source depth L}`` (``None``: not recorded).
+        current: the steps of stages a mapping does not name (and of all stages for ``None``).
+
+    Returns:
+        ``{stage name: steps}``; a fraction ``f`` gives ``max(1, round(f * L))``.
+
+    Raises:
+        ValueError: an invalid budget; a name that is no stage; more than ``MAX_STEPS`` steps;
+            a fraction for a stage whose depth is not recorded.
+    """
+    check_steps(steps)
+    if steps is None:
+        return dict(current)
     if isinstance(steps, Mapping):
-        for name, count in steps.items():
-            if _not_int(count) or not 1 <= count <= MAX_STEPS:
-                raise ValueError(
-                    f"steps[{name!r}] must be an int in [1, {MAX_STEPS:,}], got {count!r}"
-                )
-        return
-    if isinstance(steps, int) and steps > MAX_STEPS:
-        raise ValueError(f"steps must be at most {MAX_STEPS:,} per stage, got {steps!r}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, float)) or not 0 < steps < math.inf:
-        raise ValueError(
-            f"steps must be a positive int, a positive fraction of each stage's depth, or a dict "
-            f"by stage name, got {steps!r}"
-        )
+        unknown = sorted(set(steps) - set(depths))
+        if unknown:
+            raise ValueError(f"steps names unknown stage(s) {unknown}; stages are {list(depths)}")
+        return {name: steps.get(name, current[name]) for name in depths}
+    if isinstance(steps, int):
+        return dict.fromkeys(depths, steps)
+    counts = {}
+    for name, depth in depths.items():
+        if depth is None:
+            raise ValueError(
+                f"stage {name!r} does not record its source depth (exported by an older "
+                f"version): give steps as an int or a dict"
+            )
+        counts[name] = max(1, round(steps * depth))
+        if counts[name] > MAX_STEPS:
+            raise ValueError(
+                f"steps={steps!r} of stage {name!r}'s depth {depth} gives {counts[name]:,} steps, "
+                f"more than {MAX_STEPS:,}"
+            )
+    return counts

@@ -22,7 +22,7 @@ from resode_lightning.core.blocks import qualified_name
 from resode_lightning.core.files import CheckpointError, atomic_save, safe_torch_load
 from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.stages import find_stages
-from resode_lightning.export.build import export_neural_ode, exported_config
+from resode_lightning.export.build import build_export, exported_config
 from resode_lightning.export.options import ExportOptions
 from resode_lightning.export.solve import NeuralODEStage
 from resode_lightning.export.source import (
@@ -34,7 +34,10 @@ from resode_lightning.export.source import (
     shape_mismatches,
 )
 
-FORMAT = "resode-neural-ode/2"
+FORMAT = "resode-neural-ode/3"
+LEGACY_FORMAT = "resode-neural-ode/2"
+"""Files of format 2 hold BatchNorm folded into the knots (format 3 folds after interpolating);
+they load as they were written."""
 
 
 def save_neural_ode(module: nn.Module, path: str | os.PathLike) -> Path:
@@ -97,7 +100,7 @@ def load_neural_ode(
             f"{path} is not a neural ODE file written by save_neural_ode (no config and weights)"
         )
     state = content["state_dict"]
-    source, options = _read_config(path, content["config"], state)
+    source, options, legacy = _read_config(path, content["config"], state)
     if model is None:
         if source["kind"] not in BUILT_KINDS:
             raise CheckpointError(
@@ -111,7 +114,7 @@ def load_neural_ode(
         base = copy.deepcopy(model)
     try:
         _set_form(base, source["horizons"])
-        exported = export_neural_ode(base, options)
+        exported = build_export(base, options, fold_at_knots=legacy and options.fold_bn)
     except ValueError as error:
         raise CheckpointError(f"{path}: cannot export {source['class']} again: {error}") from None
     try:
@@ -125,13 +128,14 @@ def load_neural_ode(
 
 def _read_config(
     path: Path, text: str, state: dict[object, object]
-) -> tuple[dict[str, Any], ExportOptions]:
-    """The file's source spec and options, checked field by field before anything is built."""
+) -> tuple[dict[str, Any], ExportOptions, bool]:
+    """The file's source spec, options and whether it is of :data:`LEGACY_FORMAT`, checked field
+    by field before anything is built."""
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} has an unreadable config: {error}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    if not isinstance(config, dict) or config.get("format") not in (FORMAT, LEGACY_FORMAT):
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}")
     if set(config) != {"format", "source", "export"}:
@@ -155,7 +159,7 @@ def _read_config(
         raise CheckpointError(
             f"{path} declares an architecture its weights do not have: " + "; ".join(mismatches[:5])
         )
-    return config["source"], options
+    return config["source"], options, config["format"] == LEGACY_FORMAT
 
 
 def _check_loaded(path: Path, exported: nn.Module) -> None:

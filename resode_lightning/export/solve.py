@@ -85,6 +85,8 @@ class NeuralODEStage(nn.Module):
         source_depth: the number of blocks ``L`` of the source stage (``steps`` given as a
             fraction are a fraction of it, see :func:`resode_lightning.export.anytime.set_steps`).
         stage_name: the name of the source stage (:attr:`~resode_lightning.core.stages.Stage.name`).
+        stochastic: the source blocks' dropout and drop-path layers, described; the field
+            cannot apply them, so a training-mode forward is refused when there are any.
 
     ``method`` and ``steps`` may be changed between calls (see
     :mod:`resode_lightning.export.anytime`): the weights bound for each fixed grid are kept, so
@@ -109,6 +111,7 @@ class NeuralODEStage(nn.Module):
         compile: bool = False,
         source_depth: int | None = None,
         stage_name: str | None = None,
+        stochastic: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.field = field
@@ -122,6 +125,7 @@ class NeuralODEStage(nn.Module):
         self.compile = compile
         self.source_depth = source_depth
         self.stage_name = stage_name
+        self.stochastic = stochastic
         object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, "_grids", {})
 
@@ -173,6 +177,20 @@ class NeuralODEStage(nn.Module):
         return [(bounds[i], bounds[i + 1], None) for i in range(bounds.shape[0] - 1)]
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing() or torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"stage {self.stage_name!r} solves with weights cached per grid, which graph "
+                f"capture cannot follow: capture resode_lightning.deployable(model) instead (the "
+                f"same function on a fixed grid, as plain modules)"
+            )
+        if self.training and self.stochastic:
+            raise ValueError(
+                f"stage {self.stage_name!r} of the source is random in training "
+                f"({', '.join(self.stochastic[:3])}{', …' if len(self.stochastic) > 3 else ''}), "
+                f"which its exported field does not apply: training the export would drop that "
+                f"regularisation silently. Export a source built without it (timm: "
+                f"drop_path_rate=0, drop_rate=0), or run the export in eval mode"
+            )
         dtype = x.dtype
         state = x
         if dtype in _LOW_PRECISION:

@@ -1,0 +1,231 @@
+"""Shipping an export: graph capture of :func:`deployable`, and one meaning of "n steps"."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet50, resnet152
+
+from resode_lightning import (
+    DeployedStage,
+    ExportOptions,
+    deployable,
+    export_neural_ode,
+    load_neural_ode,
+    ode_resnet,
+    resample_depth,
+    save_neural_ode,
+    set_steps,
+    to_ode_form,
+)
+from resode_lightning.core.coarse import coarse_steps
+from resode_lightning.core.stages import find_stages
+from resode_lightning.export.anytime import steps_of
+from resode_lightning.export.build import build_export, exported_config
+from resode_lightning.export.serialization import LEGACY_FORMAT
+from resode_lightning.testing import randomize_norms
+
+timm = pytest.importorskip("timm")
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def _sources() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "ode_resnet": randomize_norms(ode_resnet(depths=(16,), widths=(8,)).eval()),
+        "resnet50": randomize_norms(resnet50().eval()),
+        "resnet50d": randomize_norms(timm.create_model("resnet50d").eval()),
+    }
+
+
+SOURCES = _sources()
+SIZE = {"ode_resnet": 16, "resnet50": 32, "resnet50d": 32}
+SETTINGS = [("euler", 1.0), ("euler", 0.5), ("rk4", 1.0), ("rk4", 0.5)]
+
+
+def _deployed(name: str, method: str, steps: float) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    export = export_neural_ode(SOURCES[name])
+    program = deployable(export, steps=steps, method=method)
+    x = torch.randn(2, 3, SIZE[name], SIZE[name], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        set_steps(export, steps, method)
+        expected = export(x)
+    return program, x, expected
+
+
+@pytest.mark.parametrize("method, steps", SETTINGS)
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_deployable_is_the_export_and_survives_every_capture(name, method, steps, tmp_path):
+    program, x, expected = _deployed(name, method, steps)
+    with torch.no_grad():
+        assert relative(program(x), expected) <= 1e-5
+        for strict in (True, False):
+            captured = torch.export.export(program, (x,), strict=strict).module()
+            assert relative(captured(x), expected) <= 1e-5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # jit.trace is deprecated upstream
+            traced = torch.jit.trace(program, (x,), check_trace=False)
+        assert relative(traced(x), expected) <= 1e-5
+        compiled = torch.compile(program, fullgraph=True, backend="eager")
+        assert relative(compiled(x), expected) <= 1e-5
+    onnxruntime = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(program, (x,), path, dynamo=True, verbose=False)
+    session = onnxruntime.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    assert relative(torch.from_numpy(out), expected) <= 1e-5
+
+
+def test_deployable_compiles_with_inductor_in_one_graph():
+    program, x, expected = _deployed("ode_resnet", "rk4", 0.25)
+    with torch.no_grad():
+        assert relative(torch.compile(program, fullgraph=True)(x), expected) <= 1e-5
+
+
+def test_capturing_the_export_itself_names_deployable_and_adaptive_methods_are_refused():
+    export = export_neural_ode(SOURCES["ode_resnet"])
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(RuntimeError, match="deployable"):
+        torch.export.export(export, (x,))
+    adaptive = export_neural_ode(SOURCES["ode_resnet"], method="dopri5")
+    with pytest.raises(ValueError, match=r"fixed-grid methods \('euler', 'midpoint', 'rk4'\)"):
+        deployable(adaptive)
+    with pytest.raises(ValueError, match="fixed-grid"):
+        deployable(export, method="dopri5")
+    assert torch.equal(  # the export is not modified
+        torch.tensor(steps_of(export)["stages.0"][1]), torch.tensor(16)
+    )
+
+
+def test_deployable_follows_the_device_dtype_and_memory_format_of_the_program():
+    program, x, expected = _deployed("resnet50", "euler", 0.5)
+    last = program.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert relative(last(x.to(memory_format=torch.channels_last)), expected) <= 1e-5
+    stages = [m for m in program.modules() if isinstance(m, DeployedStage)]
+    assert len(stages) == 4 and not any(p.requires_grad for m in stages for p in m.parameters())
+
+
+# ---------------------------------------------------------------- one meaning of "n steps"
+
+
+def _model(name: str, dtype: torch.dtype) -> tuple[nn.Module, tuple[int, ...]]:
+    """A model with the named stage, and the shape of its input."""
+    if name == "resnet152.layer3":  # its container alone, 35 identity blocks, narrow groups
+        layer3 = randomize_norms(resnet152(width_per_group=16).eval()).layer3
+        return nn.Sequential(OrderedDict(layer3=layer3)).to(dtype), (1, 512, 4, 4)
+    if name == "resnet50d":
+        return SOURCES["resnet50d"].to(dtype), (1, 3, 32, 32)
+    depth = int(name.split("=")[1])
+    torch.manual_seed(depth)
+    return randomize_norms(ode_resnet(depths=(depth,), widths=(6,)).eval()).to(dtype), (
+        1,
+        3,
+        12,
+        12,
+    )
+
+
+def _paths_at(
+    model: nn.Module, exports: dict[bool, nn.Module], stage_name: str, n: int, x: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The output of ``model`` with stage ``stage_name`` at ``n`` steps, by every path."""
+    outputs = {}
+    ode = to_ode_form(model)
+    stage = next(s for s in find_stages(ode) if s.name == stage_name)
+    with coarse_steps(stage, n):
+        outputs["DepthSampling (coarse_steps)"] = ode(x)
+    outputs["resample_depth"] = resample_depth(model, {stage_name: n})(x)
+    for fold, export in exports.items():
+        set_steps(export, {stage_name: n})
+        outputs[f"set_steps fold_bn={fold}"] = export(x)
+        outputs[f"export fold_bn={fold}"] = export_neural_ode(
+            model, steps={stage_name: n}, fold_bn=fold
+        )(x)
+    outputs["deployable"] = deployable(exports[True])(x)
+    return outputs
+
+
+def _check_paths(name: str, stage_name: str, depth: int, dtype, tolerance: float):
+    model, shape = _model(name, dtype)
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    exports = {fold: export_neural_ode(model, fold_bn=fold) for fold in (True, False)}
+    worst = {}
+    with torch.no_grad():
+        for n in range(1, depth + 1):
+            outputs = _paths_at(model, exports, stage_name, n, x)
+            reference = outputs.pop("export fold_bn=False")
+            for path, out in outputs.items():
+                worst[path] = max(worst.get(path, 0.0), relative(out, reference))
+    assert max(worst.values()) <= tolerance, worst
+
+
+@pytest.mark.parametrize("depth", [7, 12, 16])
+def test_every_path_computes_one_function_at_every_step_count(depth):
+    _check_paths(f"ode_resnet L={depth}", "stages.0", depth, torch.float32, 1e-5)
+    _check_paths(f"ode_resnet L={depth}", "stages.0", depth, torch.float64, 1e-10)
+
+
+def test_every_path_agrees_on_timm_resnet50d_and_its_torchdiffeq_solve():
+    _check_paths("resnet50d", "layer3", 5, torch.float32, 1e-5)
+    model = SOURCES["resnet50d"]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        grid = export_neural_ode(model, steps={"layer3": 3})(x)
+    # the same Euler grid through torchdiffeq (adjoint with gradients never uses the fast path)
+    with pytest.warns(UserWarning, match="inexact gradients"):
+        solved = export_neural_ode(model, steps={"layer3": 3}, gradient="adjoint")
+    assert relative(solved(x).detach(), grid) <= 1e-5
+
+
+def test_every_path_agrees_on_the_35_blocks_of_resnet152_layer3():
+    _check_paths("resnet152.layer3", "layer3", 35, torch.float32, 1e-5)
+
+
+def test_set_steps_is_what_is_saved_and_loaded(tmp_path):
+    export = export_neural_ode(SOURCES["ode_resnet"], method="rk4", steps=8)
+    set_steps(export, 2, method="euler")
+    save_neural_ode(export, tmp_path / "ode.pt")
+    loaded = load_neural_ode(tmp_path / "ode.pt")
+    assert steps_of(loaded) == {"stages.0": ("euler", 2)}
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert relative(loaded(x), export(x)) <= 1e-6
+
+
+def test_budgets_have_one_set_of_limits():
+    export = export_neural_ode(SOURCES["ode_resnet"])
+    for budget in (10**9, 2**63, 0, -1, True, float("inf"), float("nan"), {"stages.0": 10**9}):
+        with pytest.raises(ValueError, match="steps"):
+            set_steps(export, budget)
+        with pytest.raises(ValueError, match="steps"):
+            ExportOptions(steps=budget)
+    with pytest.raises(ValueError, match="more than 100,000"):
+        set_steps(export, 10_000.0)  # a fraction of the depth 16 above the limit
+    assert steps_of(export) == {"stages.0": ("euler", 16)}
+
+
+def test_files_of_format_2_load_as_they_were_written(tmp_path):
+    """Format 2 folded BatchNorm into the knots before interpolating: such files keep it."""
+    source = SOURCES["ode_resnet"]
+    legacy = build_export(source, ExportOptions(steps=5), fold_at_knots=True)
+    config = exported_config(legacy)
+    state = {k: v.detach().clone() for k, v in legacy.state_dict().items()}
+    torch.save(
+        {"config": json.dumps({"format": LEGACY_FORMAT, **config}), "state_dict": state},
+        tmp_path / "v2.pt",
+    )
+    loaded = load_neural_ode(tmp_path / "v2.pt")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert relative(loaded(x), legacy(x)) <= 1e-6
+        # off the knots, folding first is another function than the current export's
+        assert relative(loaded(x), export_neural_ode(source, steps=5)(x)) > 1e-5
