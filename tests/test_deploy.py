@@ -8,8 +8,9 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from helpers.cli import one_line_error
 from torch import nn
-from torchvision.models import resnet50, resnet152
+from torchvision.models import resnet18, resnet50, resnet152
 
 from resode_lightning import (
     DeployedStage,
@@ -23,6 +24,7 @@ from resode_lightning import (
     set_steps,
     to_ode_form,
 )
+from resode_lightning.cli import main as resode
 from resode_lightning.core.coarse import coarse_steps
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.anytime import steps_of
@@ -229,3 +231,52 @@ def test_files_of_format_2_load_as_they_were_written(tmp_path):
         assert relative(loaded(x), legacy(x)) <= 1e-6
         # off the knots, folding first is another function than the current export's
         assert relative(loaded(x), export_neural_ode(source, steps=5)(x)) > 1e-5
+
+
+# ---------------------------------------------------------------- resode export --format
+
+
+def test_cli_writes_an_onnx_file_at_half_the_steps_that_onnxruntime_runs(tmp_path, capsys):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    source = SOURCES["resnet50"]
+    torch.save(to_ode_form(source).state_dict(), tmp_path / "ode.pth")
+    out = tmp_path / "resnet50.onnx"
+    args = ["export", "--arch", "resnet50", "--weights", str(tmp_path / "ode.pth")]
+    assert resode([*args, "--out", str(out), "--format", "onnx", "--steps", "0.5"]) == 0
+    assert "onnx program" in capsys.readouterr().out
+    session = onnxruntime.InferenceSession(str(out))
+    x = torch.randn(3, 3, 48, 48)  # another batch size and image size than the probe's
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = export_neural_ode(source, steps=0.5)(x)
+    assert relative(torch.from_numpy(actual), expected) <= 1e-5
+
+
+@pytest.mark.parametrize("format", ["pt2", "torchscript"])
+def test_cli_writes_programs_that_load_with_torch(format, tmp_path):
+    source = randomize_norms(resnet18().eval())
+    torch.save(source.state_dict(), tmp_path / "plain.pth")
+    out = tmp_path / f"model.{format}"
+    args = ["export", "--arch", "resnet18", "--weights", str(tmp_path / "plain.pth")]
+    assert resode([*args, "--out", str(out), "--format", format, "--method", "rk4"]) == 0
+    x = torch.randn(5, 3, 48, 48)  # another batch and image size than the probe's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = torch.export.load(out).module() if format == "pt2" else torch.jit.load(out)
+    with torch.no_grad():
+        expected = export_neural_ode(source, method="rk4")(x)
+        assert relative(program(x), expected) <= 1e-5
+
+
+def test_cli_refuses_a_bad_format_and_an_adaptive_program_in_one_line(tmp_path, capsys):
+    torch.save(resnet18().state_dict(), tmp_path / "plain.pth")
+    (tmp_path / "keep.onnx").write_bytes(b"previous")
+    args = ["export", "--arch", "resnet18", "--weights", str(tmp_path / "plain.pth")]
+    with pytest.raises(SystemExit) as exit_:
+        resode([*args, "--out", str(tmp_path / "keep.onnx"), "--format", "tflite"])
+    assert exit_.value.code == 2
+    one_line_error(capsys.readouterr(), "export", "--format", "tflite", "onnx")
+    out = str(tmp_path / "keep.onnx")
+    assert resode([*args, "--out", out, "--format", "onnx", "--method", "dopri5"]) == 2
+    one_line_error(capsys.readouterr(), "export", "dopri5", "euler")
+    assert (tmp_path / "keep.onnx").read_bytes() == b"previous"

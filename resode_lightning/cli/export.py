@@ -13,10 +13,15 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
+import torch
+
 from resode_lightning.cli._common import add_max_classes, load_torchvision, output_change
-from resode_lightning.core.files import writable_target
+from resode_lightning.core.files import atomic_write, writable_target
 from resode_lightning.core.models import TORCHVISION_RESNETS
+from resode_lightning.export.anytime import steps_of
 from resode_lightning.export.build import export_neural_ode
+from resode_lightning.export.deploy import deployable
+from resode_lightning.export.formats import FORMATS, program_artifact
 from resode_lightning.export.options import ExportOptions
 from resode_lightning.export.serialization import save_neural_ode
 
@@ -35,6 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="state dict: .pth, Lightning .ckpt, .safetensors, or a resode convert output",
     )
     parser.add_argument("--out", required=True, help="output file (written atomically)")
+    parser.add_argument(
+        "--format",
+        default="pt",
+        choices=FORMATS,
+        help="what to write: "
+        + "; ".join(f"{name}: {what}" for name, what in FORMATS.items())
+        + ". Every format but pt runs the fixed grid of --method (euler, midpoint, rk4) and "
+        "--steps, and is checked against the model on a probe batch before it is written",
+    )
     add_option_arguments(parser)
     parser.add_argument(
         "--size",
@@ -102,12 +116,22 @@ def run(args: argparse.Namespace) -> int:
             f"the checkpoint's model or its export overflows; nothing was written. Check the "
             f"weights, or try another --method or --steps"
         )
-    save_neural_ode(exported, args.out)
-    source_count = sum(p.numel() for p in model.parameters())
-    export_count = sum(p.numel() for p in exported.parameters())
+    if args.format == "pt":
+        save_neural_ode(exported, args.out)
+        what = f"{sum(p.numel() for p in exported.parameters()):,} parameters"
+    else:
+        probe = torch.randn(2, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+        artifact = program_artifact(deployable(exported), args.format, probe)
+        atomic_write(args.out, lambda file: file.write(artifact.data))
+        what = f"{args.format} program, {artifact.error:.1e} from eager on a probe"
+    settings = ", ".join(
+        f"{name} {steps}" for name, (_, steps) in steps_of(exported).items() if steps is not None
+    )
     print(
-        f"exported {args.arch} as a neural ODE ({options.method}, gradient {options.gradient}): "
-        f"{export_count:,} parameters (source {source_count:,}), max relative output change "
-        f"{change:.2e} on a random batch, {time.perf_counter() - started:.1f} s; wrote {args.out}"
+        f"exported {args.arch} as a neural ODE ({options.method}"
+        f"{', steps ' + settings if settings else ''}; gradient {options.gradient}): {what} "
+        f"(source {sum(p.numel() for p in model.parameters()):,} parameters), max relative "
+        f"output change {change:.2e} on a random batch, {time.perf_counter() - started:.1f} s; "
+        f"wrote {args.out}"
     )
     return 0

@@ -122,7 +122,13 @@ class ExportOptions:
             "parse": _optional_int,
         },
     )
-    fold_bn: bool = field(default=True, metadata={"help": "fold BatchNorm into the convs"})
+    fold_bn: bool = field(
+        default=True,
+        metadata={
+            "help": "fold BatchNorm into the convs where a grid's weights are bound for "
+            "inference (after interpolating: the function does not change)"
+        },
+    )
     knots: int | None = field(
         default=None,
         metadata={
