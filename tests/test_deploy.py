@@ -280,3 +280,49 @@ def test_cli_refuses_a_bad_format_and_an_adaptive_program_in_one_line(tmp_path, 
     assert resode([*args, "--out", out, "--format", "onnx", "--method", "dopri5"]) == 2
     one_line_error(capsys.readouterr(), "export", "dopri5", "euler")
     assert (tmp_path / "keep.onnx").read_bytes() == b"previous"
+
+
+# ---------------------------------------------------------------- what the export keeps
+
+
+def test_the_export_keeps_frozen_parameters_frozen():
+    from torchvision.ops import FrozenBatchNorm2d
+
+    source = randomize_norms(resnet18(norm_layer=FrozenBatchNorm2d).eval())
+    source.layer1.requires_grad_(False)  # as a detector built with trainable_layers=3 is
+    export = export_neural_ode(source)
+    paths = {name: m for name, m in export.named_modules() if hasattr(m, "values")}
+    assert paths and all(
+        p.requires_grad == (not name.startswith("layer1"))
+        for name, path in paths.items()
+        for p in path.parameters()
+    )
+    mixed = resnet50()
+    mixed.layer3[1].conv1.requires_grad_(False)  # one block of layer3's stage, not the others
+    with pytest.raises(ValueError, match="conv1.weight requires gradients in some blocks"):
+        export_neural_ode(mixed)
+
+
+def test_a_training_export_refuses_drop_path_it_cannot_apply():
+    source = timm.create_model("resnet18", drop_path_rate=0.5).eval()
+    export = export_neural_ode(source)
+    with torch.no_grad():
+        export(torch.randn(2, 3, 32, 32))  # eval: drop-path is the identity, as in the source
+    export.train()
+    with pytest.raises(ValueError, match=r"DropPath, rate 0\.\d+.*drop_path_rate=0"):
+        export(torch.randn(2, 3, 32, 32))
+    export_neural_ode(timm.create_model("resnet18")).train()(torch.randn(2, 3, 32, 32))
+
+
+def test_an_export_in_channels_last_computes_the_same():
+    source = SOURCES["resnet50"]
+    x = torch.randn(2, 3, 32, 32)
+    export = export_neural_ode(source, steps=0.5)
+    with torch.no_grad():
+        expected = export(x)
+        last = export.to(memory_format=torch.channels_last)
+        assert relative(last(x.to(memory_format=torch.channels_last)), expected) <= 1e-5
+    knots = next(m for m in last.modules() if hasattr(m, "values")).knots("conv2.weight")
+    assert knots[0].is_contiguous(memory_format=torch.channels_last)
+    last.train()
+    last(x.to(memory_format=torch.channels_last)).sum().backward()  # gradients flow too

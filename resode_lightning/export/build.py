@@ -105,7 +105,7 @@ def build_export(
         _replace(stage, module)
     config = {"source": source_spec(model), "export": options.to_config()}
     setattr(exported, CONFIG_ATTRIBUTE, config)
-    return exported
+    return exported.eval()
 
 
 def _resolve_steps(stages: list[Stage], method: str, steps: Steps) -> dict[str, int | None]:
