@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections import OrderedDict
@@ -326,3 +327,18 @@ def test_an_export_in_channels_last_computes_the_same():
     assert knots[0].is_contiguous(memory_format=torch.channels_last)
     last.train()
     last(x.to(memory_format=torch.channels_last)).sum().backward()  # gradients flow too
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["ode_resnet", "resnet50"])
+def test_an_export_in_half_precision_is_as_close_as_its_source(name, dtype):
+    """The grid (knot times, horizon) stays float64 and BatchNorm folds in float32."""
+    source = SOURCES[name]
+    export = export_neural_ode(source, steps=0.5)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        source_error = relative(copy.deepcopy(source).to(dtype)(x.to(dtype)).float(), source(x))
+        export_error = relative(copy.deepcopy(export).to(dtype)(x.to(dtype)).float(), export(x))
+    assert export_error <= 1.2 * source_error, (export_error, source_error)
+    times = next(m for m in export.to(dtype).modules() if hasattr(m, "values")).times
+    assert times.dtype == torch.float64

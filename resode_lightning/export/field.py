@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import bisect
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +74,8 @@ class WeightPath(nn.Module):
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> WeightPath:
         # knots of a conv weight are 5-D: convert each knot as the conv's own 4-D weight, so that
         # .to(memory_format=torch.channels_last) formats them as it formats the source's convs
-        return super()._apply(lambda tensor: _per_knot(fn, tensor), recurse)
+        with float64_kept(self, "times", fn):
+            return super()._apply(lambda tensor: _per_knot(fn, tensor), recurse)
 
     @property
     def count(self) -> int:
@@ -124,6 +126,15 @@ class WeightPath(nn.Module):
         return {
             name: interpolate(self.knots(name), times, t, self.interpolation) for name in self.names
         }
+
+
+@contextmanager
+def float64_kept(module: nn.Module, name: str, fn: Callable[[Tensor], Tensor]) -> Iterator[None]:
+    """Around ``module._apply(fn)``: buffer ``name`` (times) follows ``fn``'s device only and
+    stays float64, so that casting a model to half precision does not move its grid."""
+    value = module._buffers[name]
+    yield
+    module._buffers[name] = value.to(fn(value.new_empty(0)).device)
 
 
 def _per_knot(fn: Callable[[Tensor], Tensor], tensor: Tensor) -> Tensor:
@@ -205,9 +216,11 @@ class VectorField(nn.Module):
 
         ``own=False``: the module holds ``weights`` themselves (views, no copy before folding);
         ``own=True``: it holds copies as its own parameters and buffers (a standalone module
-        that ``.to()``, ``state_dict()`` and graph capture treat as any other).
+        that ``.to()``, ``state_dict()`` and graph capture treat as any other). Half-precision
+        weights are folded in the template's precision (float32), then cast.
         """
-        if own:
+        dtype = next(iter(weights.values())).dtype
+        if own or dtype in (torch.float16, torch.bfloat16):
             module = copy.deepcopy(self.template)
             named = {self.prefix + name: tensor for name, tensor in weights.items()}
             module.load_state_dict(named, strict=False)
@@ -217,7 +230,7 @@ class VectorField(nn.Module):
         if self.fold_pairs:
             with torch.no_grad():
                 fold_batchnorm(module.block, self.fold_pairs)
-        return module
+        return module.to(dtype)
 
     def branch(self, t: Tensor, x: Tensor) -> Tensor:
         """The unprojected field ``F(t, x)``."""

@@ -19,12 +19,14 @@ parameter version, no per-step host sync); torchdiffeq solves the other methods 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchdiffeq import odeint, odeint_adjoint
 
-from resode_lightning.export.field import VectorField
+from resode_lightning.export.field import VectorField, float64_kept
 from resode_lightning.export.grid import GRID_METHODS, FieldOnGrid
 from resode_lightning.export.revolve import binomial_checkpoint, default_checkpoints
 
@@ -128,6 +130,10 @@ class NeuralODEStage(nn.Module):
         self.stochastic = stochastic
         object.__setattr__(self, "_compiled", None)
         object.__setattr__(self, "_grids", {})
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> NeuralODEStage:
+        with float64_kept(self, "horizon", fn):
+            return super()._apply(fn, recurse)
 
     @property
     def adaptive(self) -> bool:
