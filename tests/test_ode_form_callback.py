@@ -58,13 +58,13 @@ def test_converts_at_setup_without_changing_outputs_then_trains(tmp_path):
 def test_fitting_twice_does_not_rescale_again(tmp_path):
     module = NestedBackboneModule(tvm.resnet18(num_classes=10))
     trainer(tmp_path, [ODEForm()]).fit(module, loader())
-    bn_weight = module.net["backbone"].layer1[1].bn2.weight.detach().clone()
+    bn_weight = module.net["backbone"].layer1[1].bn2.layer.weight.detach().clone()
     after_first = outputs(module)
     record = RecordAtFitStart()
     trainer(tmp_path, [ODEForm(), record], max_steps=1).fit(module, loader())
     torch.testing.assert_close(record.outputs[0], after_first)
     # SGD moved it a little; a second rescale would have doubled it (L / horizon = 2)
-    ratio = module.net["backbone"].layer1[1].bn2.weight.detach() / bn_weight
+    ratio = module.net["backbone"].layer1[1].bn2.layer.weight.detach() / bn_weight
     assert float((ratio - 1).abs().max()) < 0.2
 
 
@@ -149,7 +149,8 @@ def test_sync_batchnorm_replacement_keeps_the_function(tmp_path):
     record = RecordAtFitStart()
     callbacks = [ODEForm(), ConvertToSyncBatchNorm(), record]
     trainer(tmp_path, callbacks, max_steps=0).fit(module, loader())
-    assert isinstance(module.net["backbone"].layer1[1].bn2, torch.nn.SyncBatchNorm)
+    # the BatchNorm in the ODEStep holding the step was replaced, the step kept
+    assert isinstance(module.net["backbone"].layer1[1].bn2.layer, torch.nn.SyncBatchNorm)
     torch.testing.assert_close(record.outputs[0], before, rtol=1e-5, atol=1e-6)
 
 

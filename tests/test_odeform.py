@@ -67,9 +67,11 @@ def test_state_dict_keys_kept_plus_one_marker_per_stage():
 def test_last_affine_layer_is_multiplied_by_depth_over_horizon():
     model = randomize_norms(tvm.resnet50())
     converted = to_ode_form(model, horizon=2.0)
-    # layer3 has 5 identity blocks: factor L / horizon = 2.5; block 0 (downsampling) untouched
-    torch.testing.assert_close(converted.layer3[1].bn3.weight, model.layer3[1].bn3.weight * 2.5)
-    torch.testing.assert_close(converted.layer3[1].bn3.bias, model.layer3[1].bn3.bias * 2.5)
+    # layer3 has 5 identity blocks: factor L / horizon = 2.5; block 0 (downsampling) untouched;
+    # the rescaled layer sits in the ODEStep that multiplies its output by the step
+    bn3 = converted.layer3[1].bn3.layer
+    torch.testing.assert_close(bn3.weight, model.layer3[1].bn3.weight * 2.5)
+    torch.testing.assert_close(bn3.bias, model.layer3[1].bn3.bias * 2.5)
     torch.testing.assert_close(converted.layer3[1].bn2.weight, model.layer3[1].bn2.weight)
     torch.testing.assert_close(converted.layer3[0].bn3.weight, model.layer3[0].bn3.weight)
 
@@ -81,7 +83,7 @@ def test_converted_block_is_a_projected_euler_step_by_hand():
     x = torch.randn(2, 64, 8, 8)
     with torch.no_grad():
         hidden = torch.relu(block.bn1(block.conv1(x)))
-        bn2 = block.bn2
+        bn2 = block.bn2.layer  # the BatchNorm, in the ODEStep holding the step
         z = block.conv2(hidden)
         field = (z - bn2.running_mean[:, None, None]) / torch.sqrt(
             bn2.running_var[:, None, None] + bn2.eps
@@ -157,11 +159,11 @@ def test_norm_variants_convert_losslessly(norm_layer):
         assert relative_error(converted(x), model(x)) <= 1e-5
     if norm_layer is FrozenBatchNorm2d:  # its affine weight and bias are buffers
         torch.testing.assert_close(
-            converted.layer1[1].bn2.weight, model.layer1[1].bn2.weight * 2 / 3
+            converted.layer1[1].bn2.layer.weight, model.layer1[1].bn2.weight * 2 / 3
         )
     elif norm_layer is nn.Identity:  # the last conv carries the factor
         torch.testing.assert_close(
-            converted.layer1[1].conv2.weight, model.layer1[1].conv2.weight * 2 / 3
+            converted.layer1[1].conv2.layer.weight, model.layer1[1].conv2.weight * 2 / 3
         )
     else:  # nothing to rescale: the weights are unchanged
         for name, value in model.state_dict().items():
@@ -207,8 +209,7 @@ def test_resample_half_steps_of_a_torchvision_stage_uses_step_horizon_over_steps
     # hand reference: block j uses the path at t = j / 2, i.e. old blocks 0 and 2.5
     x = torch.randn(2, 1024, 4, 4)
     with torch.no_grad():
-        hook_step = [h.step for h in blocks[0].bn3._forward_hooks.values()]
-        assert hook_step == [0.5]
+        assert blocks[0].bn3.step == 0.5
         ode = to_ode_form(model)
         ode_stage = find_stages(ode)[2]
         mid = copy.deepcopy(ode_stage.blocks[2])
@@ -221,8 +222,7 @@ def test_resample_half_steps_of_a_torchvision_stage_uses_step_horizon_over_steps
                 value.copy_(0.5 * (a + b))
         y = x
         for block in (ode_stage.blocks[0], mid):
-            for hook in block.bn3._forward_hooks.values():
-                hook.step = 0.5
+            block.bn3.step = 0.5
             y = block(y)
         torch.testing.assert_close(resampled.layer3[2](resampled.layer3[1](x)), y)
     assert stage.depth == 5

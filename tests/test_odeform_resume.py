@@ -12,6 +12,7 @@ from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 from resode_lightning import ODEForm, is_ode_form, to_ode_form
 from resode_lightning.core.odeform import convert_state_dict, rescale_optimizer_state
 from resode_lightning.core.stages import find_stages
+from resode_lightning.core.step import named_parameters_by_key
 from resode_lightning.lit.classifier import ImageClassifier
 
 FIXED = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -58,9 +59,9 @@ class RecordAtStart(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         state = trainer.optimizers[0].state
-        self.state = {
+        self.state = {  # by state-dict name: the same in plain and ODE form
             name: {key: value.clone() for key, value in state[p].items()}
-            for name, p in pl_module.named_parameters()
+            for name, p in named_parameters_by_key(pl_module).items()
         }
 
 
@@ -117,7 +118,7 @@ def test_ode_form_checkpoint_keeps_its_optimizer_state(tmp_path):
     path = tmp_path / "ode.ckpt"
     first.trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["optimizer_states"][0]["state"]
-    names = [name for name, _ in first.named_parameters()]
+    names = list(named_parameters_by_key(first))
 
     record = RecordAtStart()
     trainer(tmp_path, [ODEForm(horizon=HORIZON), record], max_steps=3).fit(

@@ -22,6 +22,7 @@ from resode_lightning.core.odeform import (
     rescaled_keys,
 )
 from resode_lightning.core.stages import find_stages
+from resode_lightning.core.step import named_parameters_by_key
 
 
 class ODEForm(Callback):
@@ -101,7 +102,7 @@ class ODEForm(Callback):
     @override
     def on_train_start(self, trainer, pl_module) -> None:
         self._converted.update(self._convert(pl_module))
-        parameters = dict(pl_module.named_parameters())
+        parameters = named_parameters_by_key(pl_module)
         factors = {parameters[n]: c for n, c in self._converted.items() if n in parameters}
         self._converted.clear()
         for optimizer in trainer.optimizers:

@@ -20,6 +20,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from resode_lightning.core.step import ODEStep, named_modules_by_key, step_wrappers
+
 Post = Callable[[Tensor], Tensor]
 Pairs = tuple[tuple[str, str], ...]
 
@@ -41,8 +43,8 @@ class BlockAdapter:
         post: ``post(block)``: the map applied after the sum, ``None`` for the identity.
         is_identity_skip: whether a block's skip connection is the identity (it keeps shape).
         step_attribute: name of the block attribute holding its own step ``h``, for blocks that
-            compute ``x + h * F(x)`` natively; ``None`` when the package scales the last layer's
-            output with a forward hook instead.
+            compute ``x + h * F(x)`` natively; ``None`` when the package puts the last layer in
+            an :class:`~resode_lightning.core.step.ODEStep` instead.
         conv_bn_pairs: ``conv_bn_pairs(block)``: ``(conv, norm)`` submodule names that fold.
     """
 
@@ -117,7 +119,7 @@ def register_block(
         raise TypeError("branch must be a callable branch(block, x) -> Tensor")
     adapter = BlockAdapter(
         branch=branch,
-        last_layer=_submodule_reader(last_layer),
+        last_layer=_LastLayer(_submodule_reader(last_layer)),
         post=_post_reader(post),
         is_identity_skip=is_identity_skip or _always,
         step_attribute=step_attribute,
@@ -205,6 +207,19 @@ class _Submodule:
         return block.get_submodule(self.name)
 
 
+class _LastLayer:
+    """Reads the layer ending the branch: in an ODE-form block, the layer its
+    :class:`~resode_lightning.core.step.ODEStep` holds, else what ``read`` returns
+    (picklable). Adapters' own readers thus only ever see plain blocks' layers."""
+
+    def __init__(self, read: Callable[[nn.Module], nn.Module | None]) -> None:
+        self.read = read
+
+    def __call__(self, block: nn.Module) -> nn.Module | None:
+        wrapped = next(step_wrappers(block), None)
+        return wrapped[1].layer if wrapped is not None else self.read(block)
+
+
 class _Activation(_Submodule):
     """Reads the block's activation submodule; ``nn.Identity`` counts as no post map."""
 
@@ -234,32 +249,34 @@ def _always(block: nn.Module) -> bool:
 # ----------------------------------------------------------------------------- step
 
 
-class _StepScale:
-    """Forward hook multiplying a layer's output by the step ``h`` (picklable, no closure)."""
-
-    def __init__(self, step: float) -> None:
-        self.step = step
-
-    def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
-        return output * self.step
-
-    def __repr__(self) -> str:
-        return f"_StepScale({self.step:g})"
-
-
 def set_block_step(block: nn.Module, adapter: BlockAdapter, step: float | None) -> None:
-    """Make ``block`` multiply its branch by ``step`` (``None``: the plain block, no factor)."""
+    """Make ``block`` multiply its branch by ``step`` (``None``: the plain block, no factor).
+
+    A block with a step attribute gets it set. Otherwise the layer ending the branch is put in
+    an :class:`~resode_lightning.core.step.ODEStep` (its step updated when it is in one
+    already); ``None`` puts the bare layer back. Blocks with no such layer are left alone.
+    """
     if adapter.step_attribute is not None:
         setattr(block, adapter.step_attribute, 1.0 if step is None else step)
         return
-    last = adapter.last_layer(block)
+    wrapped = next(step_wrappers(block), None)
+    if wrapped is not None:
+        name, wrapper = wrapped
+        if step is None:
+            block.set_submodule(name, wrapper.layer)
+        else:
+            wrapper.step = float(step)
+        return
+    last = None if step is None else adapter.last_layer(block)
     if last is None:
         return
-    for key, hook in list(last._forward_hooks.items()):
-        if isinstance(hook, _StepScale):
-            del last._forward_hooks[key]
-    if step is not None:
-        last.register_forward_hook(_StepScale(step))
+    name = next((name for name, module in block.named_modules() if module is last), None)
+    if not name:
+        raise BlockAdapterError(
+            f"the last layer of {qualified_name(type(block))} is not a submodule of the block: "
+            f"last_layer must return one of its layers"
+        )
+    block.set_submodule(name, ODEStep(last, step))
 
 
 # ----------------------------------------------------------------------------- fusion
@@ -287,15 +304,23 @@ def is_plain_conv(conv: nn.Module) -> bool:
 def fold_batchnorm(block: nn.Module, pairs: Pairs) -> None:
     """Fuse each eval-mode ``(conv, norm)`` pair of ``block`` into one conv, in place.
 
-    A timm norm+act layer leaves its activation in place of the norm. Pairs whose conv or norm
-    computes more than that are left as they are.
+    A timm norm+act layer leaves its activation in place of the norm. A norm in an
+    :class:`~resode_lightning.core.step.ODEStep` (an ODE-form block) hands the step to the
+    fused conv, which then ends the branch. Pairs whose conv or norm computes more than that
+    are left as they are.
     """
     for conv_name, norm_name in pairs:
         conv, norm = block.get_submodule(conv_name), block.get_submodule(norm_name)
+        step = norm.step if isinstance(norm, ODEStep) else None
+        norm = norm.layer if isinstance(norm, ODEStep) else norm
         remainder = _remainder_after_fold(norm)
-        if is_plain_conv(conv) and remainder is not None:
-            block.set_submodule(conv_name, fuse_conv_bn_eval(conv.eval(), norm.eval()))
-            block.set_submodule(norm_name, remainder)
+        if not is_plain_conv(conv) or remainder is None:
+            continue
+        if step is not None and not isinstance(remainder, nn.Identity):
+            continue  # the step would move before the norm's activation
+        fused = fuse_conv_bn_eval(conv.eval(), norm.eval())
+        block.set_submodule(conv_name, fused if step is None else ODEStep(fused, step))
+        block.set_submodule(norm_name, remainder)
 
 
 # ----------------------------------------------------------------------------- verification
@@ -358,7 +383,8 @@ def _runnable_input(block: nn.Module) -> Tensor | None:
 
 
 def _layout(block: nn.Module) -> tuple:
-    return tuple((name, type(module)) for name, module in block.named_modules())
+    """The block's submodule types by name, the same in plain and ODE form."""
+    return tuple((name, type(module)) for name, module in named_modules_by_key(block))
 
 
 def _probe_copy(block: nn.Module) -> nn.Module:

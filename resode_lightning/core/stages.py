@@ -22,6 +22,7 @@ from resode_lightning.core.blocks import (
     adapter_for,
     verify_block,
 )
+from resode_lightning.core.step import state_dict_name
 
 MARKER = "ode_horizon"
 """Name (or prefix) of the persistent buffer that marks a stage as converted to ODE form."""
@@ -164,13 +165,17 @@ def run_stage(stage: Stage, x: Tensor, blocks: list[nn.Module] | None = None) ->
 
 
 def last_layer_name(block: nn.Module, adapter: BlockAdapter) -> str | None:
-    """The submodule path of the layer ending ``block``'s branch, or ``None``."""
+    """The state-dict name of the layer ending ``block``'s branch, or ``None``.
+
+    It is the layer's submodule path, except in an ODE-form block: there the layer's
+    :class:`~resode_lightning.core.step.ODEStep` lends it its own name (``bn2``).
+    """
     last = adapter.last_layer(block)
     if last is None:
         return None
     for name, module in block.named_modules():
         if module is last:
-            return name
+            return state_dict_name(block, name)
     raise ValueError(f"last_layer of {type(block).__name__} is not one of its submodules")
 
 

@@ -28,6 +28,7 @@ from resode_lightning.core.models import (
     torchvision_resnet,
 )
 from resode_lightning.core.stages import MARKER
+from resode_lightning.core.step import named_modules_by_key
 
 BUILT_KINDS = ("torchvision", "ode_resnet")
 """Kinds of source the package builds itself; others need a skeleton to load."""
@@ -86,7 +87,9 @@ def fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
     ODE-form markers are left out: the form is not the architecture.
     """
     return {
-        "modules": {name: qualified_name(type(module)) for name, module in model.named_modules()},
+        "modules": {
+            name: qualified_name(type(module)) for name, module in named_modules_by_key(model)
+        },
         "tensors": {
             key: list(value.shape)
             for key, value in model.state_dict().items()
@@ -239,20 +242,6 @@ def build_source(spec: dict[str, Any]) -> nn.Module:
         ValueError: ``spec`` is not of a kind the package builds (``BUILT_KINDS``).
     """
     return _build(spec, device="cpu")
-
-
-def shape_mismatches(spec: dict[str, Any], state_dict: dict[str, Any]) -> list[str]:
-    """Tensors the built source and a saved export both name, with other shapes in the file.
-
-    The architecture is built on the meta device (nothing allocated), so that a spec declaring
-    a larger net than the file holds is caught before it is built for real.
-    """
-    built = _build(spec, device="meta").state_dict()
-    return [
-        f"{key} {list(built[key].shape)} declared, {list(value.shape)} stored"
-        for key, value in state_dict.items()
-        if key in built and list(built[key].shape) != list(getattr(value, "shape", []))
-    ]
 
 
 def _build(spec: dict[str, Any], device: str) -> nn.Module:
