@@ -10,8 +10,9 @@ tensor must fit in the bytes its storage declares, every storage in the record t
 from __future__ import annotations
 
 import _compat_pickle
-import contextlib
+import errno
 import io
+import json
 import math
 import mmap
 import os
@@ -44,6 +45,10 @@ _LEGACY_PROTOCOL = 1001
 _LEGACY_STORAGE_HEADER = 8  # the element count written before each storage's bytes
 _UNREADABLE = "is not a readable PyTorch checkpoint (truncated or another format)"
 _UNSAFE_ADVICE = re.compile(r"weights.only|trust the source|arbitrary code|safe_globals", re.I)
+_INTEGER_BUFFERS = frozenset({"num_batches_tracked"})
+"""Names (last part of a key) of the buffers a safetensors file may store as integers."""
+_SAFETENSORS_FLOATS = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+_SAFETENSORS_INTEGERS = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"})
 
 
 class CheckpointError(ValueError):
@@ -57,30 +62,55 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
     checked: a file whose pickle names anything but tensors and plain containers, whose
     records are compressed or larger than the file, or whose tensors claim more elements than
     their storage holds (zero-stride or expanded tensors) is refused. The memory taken grows
-    with the file's size, never with the sizes it declares.
+    with the file's size, never with the sizes it declares. Tensors that share memory are
+    refused (see :func:`safe_torch_load`). A safetensors file is refused when its header
+    repeats a key, or stores a tensor other than a known integer buffer (``num_batches_tracked``)
+    with a dtype that is not floating point: weights are floats, and integer ones would be
+    cast silently.
 
     Raises:
         FileNotFoundError: the file does not exist.
         CheckpointError: the file cannot be read, is truncated, not a checkpoint, carries a
-            pickle payload or declares sizes it does not hold, or holds no mapping of string
-            names to tensors. The message names the file.
+            pickle payload or declares sizes it does not hold, holds no mapping of string
+            names to tensors, or does not fit in memory. The message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    return _extract_state_dict(safe_torch_load(path), path)
+    try:
+        if path.suffix == ".safetensors":
+            return _load_safetensors(path)
+        return _extract_state_dict(safe_torch_load(path), path)
+    except MemoryError:
+        raise _out_of_memory(path) from None
 
 
 def safe_torch_load(path: Path) -> object:
     """``torch.load(path, weights_only=True)`` on the CPU, once the file's declared sizes are
     checked (see :func:`load_state_dict_file`).
 
+    Tensors whose memory overlaps (the same tensor under two keys, or overlapping views of one
+    storage) are refused rather than copied apart: loaded with ``assign=True`` or used as they
+    are, they would stay aliased (an optimizer step on one changing the other), and copying
+    them apart would take memory the file does not hold. Views of disjoint parts of one
+    storage are accepted; strided views are compared by the span from their first to their
+    last element, so interleaved ones count as overlapping.
+
     Raises:
-        CheckpointError: the file cannot be read, is damaged or forged, or is not a
-            ``torch.save`` file of tensors and plain containers. The message names the file.
+        CheckpointError: the file cannot be read, is damaged or forged, is not a
+            ``torch.save`` file of tensors and plain containers, holds tensors that share
+            memory, or does not fit in memory. The message names the file.
     """
+    try:
+        content = _checked_torch_load(path)
+    except MemoryError:
+        raise _out_of_memory(path) from None
+    _refuse_aliases(content, path)
+    return content
+
+
+def _checked_torch_load(path: Path) -> object:
+    """``torch.load`` of ``path`` once its declared sizes are checked."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -96,7 +126,60 @@ def safe_torch_load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types on damaged files
-        raise CheckpointError(f"{path} {_UNREADABLE}: {_reason(error)}") from None
+        raise _failure(path, _UNREADABLE, error) from None
+
+
+def _failure(path: Path, what: str, error: Exception) -> CheckpointError:
+    """The error to raise for ``error`` while reading ``path``: ``path what: reason``, or the
+    out-of-memory error for a ``MemoryError``."""
+    if isinstance(error, MemoryError):
+        return _out_of_memory(path)
+    return CheckpointError(f"{path} {what}: {_reason(error)}")
+
+
+def _out_of_memory(path: Path) -> CheckpointError:
+    """The error for a file whose reading ran out of memory."""
+    return CheckpointError(
+        f"{path} could not be loaded: out of memory while reading it; free memory or raise "
+        f"the process's memory limit, then retry"
+    )
+
+
+def _named_tensors(content: object) -> list[tuple[str, Tensor]]:
+    """Every tensor in the containers of ``content``, named by its path of keys (``a/b/0``)."""
+    found, pending = [], [("", content)]
+    while pending:  # iterative: a pickle may nest containers deeper than Python's stack
+        name, value = pending.pop()
+        if isinstance(value, Tensor):
+            found.append((name, value))
+        elif isinstance(value, Mapping):
+            pending.extend((f"{name}/{key}" if name else str(key), v) for key, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            pending.extend((f"{name}/{index}", v) for index, v in enumerate(value))
+    return found
+
+
+def _refuse_aliases(content: object, path: Path) -> None:
+    """Raise ``CheckpointError`` naming two tensors of ``content`` whose memory overlaps."""
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for name, tensor in _named_tensors(content):
+        if tensor.numel() == 0:
+            continue
+        last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        start = tensor.storage_offset() * tensor.element_size()
+        stop = start + (last + 1) * tensor.element_size()
+        spans.setdefault(tensor.untyped_storage().data_ptr(), []).append((start, stop, name))
+    for extents in spans.values():
+        end, owner = 0, ""
+        for start, stop, name in sorted(extents):
+            if start < end:
+                raise CheckpointError(
+                    f"{path} holds tensors {owner!r} and {name!r} that share memory, so "
+                    f"changing one would change the other; refused. Re-save them as separate "
+                    f"tensors, e.g. {{k: v.clone() for k, v in state_dict.items()}}"
+                )
+            if stop > end:
+                end, owner = stop, name
 
 
 def _reason(error: BaseException) -> str:
@@ -113,12 +196,63 @@ def _load_safetensors(path: Path) -> dict[str, Tensor]:
         raise CheckpointError(
             f"{path} is a safetensors file: pip install safetensors to read it"
         ) from None
+    _check_safetensors_header(path)
     try:
         return load_file(str(path))
     except Exception as error:  # safetensors raises its own error types
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file: {_reason(error)}"
-        ) from None
+        raise _failure(path, "is not a readable safetensors file", error) from None
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Refuse a safetensors file whose JSON header is larger than the file, repeats a key, or
+    declares a weight that is not floating point (see :func:`load_state_dict_file`)."""
+    unreadable = f"{path} is not a readable safetensors file"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            head = file.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{unreadable}: it is {size} bytes long, too short")
+            (length,) = struct.unpack("<Q", head)
+            if not 0 < length <= size - 8:
+                raise CheckpointError(
+                    f"{unreadable}: it declares a {length:,}-byte header in a {size:,}-byte file"
+                )
+            header = json.loads(file.read(length), object_pairs_hook=_unique_keys(path))
+    except OSError as error:
+        raise CheckpointError(f"{path} cannot be read: {error.strerror}") from None
+    except CheckpointError:
+        raise
+    except (ValueError, RecursionError) as error:  # JSON or UTF-8 errors, or too deep nesting
+        raise CheckpointError(f"{unreadable}: its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{unreadable}: its header is not a JSON object")
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if name == "__metadata__" or not isinstance(dtype, str) or dtype in _SAFETENSORS_FLOATS:
+            continue  # malformed entries are refused by safetensors itself
+        if dtype not in _SAFETENSORS_INTEGERS or name.rsplit(".", 1)[-1] not in _INTEGER_BUFFERS:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {dtype!r}; weights must be floating point "
+                f"({', '.join(sorted(_SAFETENSORS_FLOATS))}), and only integer buffers such as "
+                f"num_batches_tracked may be integers; re-save the weights as floats"
+            )
+
+
+def _unique_keys(path: Path) -> Callable[[list[tuple[str, object]]], dict[str, object]]:
+    """A ``json.loads`` ``object_pairs_hook`` refusing an object that repeats a key."""
+
+    def unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen = Counter(key for key, _ in pairs)
+        repeated = next((key for key, count in seen.items() if count > 1), None)
+        if repeated is not None:
+            raise CheckpointError(
+                f"{path} repeats the key {repeated!r} in its safetensors header, so one of "
+                f"its values would be dropped silently; refused"
+            )
+        return dict(pairs)
+
+    return unique
 
 
 def _check_zip_checkpoint(path: Path, size: int) -> None:
@@ -139,7 +273,7 @@ def _check_zip_checkpoint(path: Path, size: int) -> None:
     except CheckpointError:
         raise
     except Exception as error:  # zipfile raises many types on damaged archives
-        raise CheckpointError(f"{path} {_UNREADABLE}: {_reason(error)}") from None
+        raise _failure(path, _UNREADABLE, error) from None
     scan = _PickleScan(path, legacy=False)
     scan.replay(io.BytesIO(data))
     for key, storage in scan.storages.items():
@@ -296,7 +430,7 @@ class _PickleScan:
         except CheckpointError:
             raise
         except Exception as error:  # any failure of a malformed pickle
-            raise CheckpointError(f"{self.path} {_UNREADABLE}: {_reason(error)}") from None
+            raise _failure(self.path, _UNREADABLE, error) from None
         if self.refused:
             raise CheckpointError(f"{self.path} {self.refused[0].problem}; refused")
         return result
@@ -721,37 +855,92 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
     The content goes to a temporary file beside the target, ``.NAME.<random>.resode-partial``,
     that replaces the target only once it is complete; on any error it is removed and an
     existing file is left untouched. Such files left by a killed write are removed by the next
-    write to the same path (on POSIX systems, where a live writer's file is locked). Paths are
-    checked as by :func:`writable_target`; a symbolic link is written through.
+    write to the same path (on POSIX systems, where a live writer's file is locked). Writers
+    running at once each write their own file; the last to finish replaces the target. Paths
+    are checked as by :func:`writable_target`; a symbolic link is written through.
 
     Raises:
         FileNotFoundError, IsADirectoryError, PermissionError, ValueError: see
             :func:`writable_target`; PermissionError too when the directory refuses a new file.
+        OSError: the device is full (``errno.ENOSPC``, also when ``torch.save`` reports it as
+            a ``RuntimeError``); the message says so and names the path.
     """
     target = writable_target(path)
     _remove_leftovers(target)
-    temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}{_TEMPORARY_SUFFIX}")
-    try:
-        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as error:
-        raise type(error)(
-            f"cannot write {str(path)!r}: creating a file in {str(target.parent)!r} failed "
-            f"({error.strerror})"
-        ) from error
+    handle, temporary = _create_locked(target, path)
     try:
         with os.fdopen(handle, "wb") as file:
-            if fcntl is not None:  # without locks (some file systems) it is never cleaned
-                with contextlib.suppress(OSError):
-                    fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             write(file)
             file.flush()
             os.fsync(file.fileno())
             os.chmod(temporary, _mode_for(target))
             os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if _out_of_space(error):
+            raise _no_space(path, target) from error
         raise
     return Path(path)
+
+
+def _create_locked(target: Path, path: str | os.PathLike) -> tuple[int, Path]:
+    """A new temporary file for ``target``: its descriptor, locked where locks exist, and name.
+
+    Another writer's cleanup (:func:`_remove_leftovers`) may delete the file between its
+    creation and its lock; then another is created. That takes a cleanup per retry, so it ends.
+    """
+    while True:
+        temporary = target.with_name(f".{target.name}.{secrets.token_hex(8)}{_TEMPORARY_SUFFIX}")
+        try:
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as error:
+            raise type(error)(
+                f"cannot write {str(path)!r}: creating a file in {str(target.parent)!r} failed "
+                f"({error.strerror})"
+            ) from error
+        if _locked_in_place(handle, temporary):
+            return handle, temporary
+        os.close(handle)
+
+
+def _locked_in_place(handle: int, temporary: Path) -> bool:
+    """Lock the open file ``handle``; ``False`` if ``temporary`` no longer names it (a cleanup
+    deleted it before the lock). ``True`` without a lock where there are none: such files are
+    never cleaned up."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while a cleanup that took it first deletes it
+    except OSError:  # a file system without locks
+        return True
+    try:
+        return os.path.samestat(os.fstat(handle), os.stat(temporary))
+    except FileNotFoundError:
+        return False
+
+
+def _out_of_space(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from or while handling, is ``ENOSPC``
+    (``torch.save`` turns a failed write into a ``RuntimeError`` raised while handling it)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _no_space(path: str | os.PathLike, target: Path) -> OSError:
+    """The ``ENOSPC`` error of a write to ``path`` that did not fit on its device."""
+    kept = "the existing file is kept" if target.exists() else "no file was written"
+    error = OSError(
+        f"cannot write {str(path)!r}: no space left on the device holding "
+        f"{str(target.parent)!r}; {kept}; free some space and retry"
+    )
+    error.errno = errno.ENOSPC
+    return error
 
 
 def _remove_leftovers(target: Path) -> None:

@@ -5,11 +5,15 @@ Your own images, one sub-folder per class, read with torchvision's ``ImageFolder
 
 Files that are not readable images are reported with their paths at setup when the data set is
 small enough to check every file's header there (``check_limit``); images that still fail to
-decode while loading are skipped with a warning, and listed by ``skipped``.
+decode while loading are skipped with a warning, and listed by ``skipped``. Paths that are not
+regular files (a FIFO, a device, a socket named ``*.jpg``) count as unreadable images and are
+never opened: reading a FIFO would wait for a writer forever.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import default_loader, find_classes
 from torchvision.transforms import v2
 
 from resode_lightning.data.base import DataError, ImageDataModule, split_indices
@@ -41,7 +45,7 @@ class _SkippingImageFolder(ImageFolder):
     """
 
     def __init__(self, root: str, transform: Callable[[Any], Any]) -> None:
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, loader=_load_image)
         self._unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         self._other_split = torch.zeros(len(self.samples), dtype=torch.bool)
 
@@ -74,6 +78,28 @@ class _SkippingImageFolder(ImageFolder):
                 continue
             return self.transform(image), target
         raise DataError(f"none of the {count} images in {self.root!r} can be read")
+
+
+_SPECIAL_FILES = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _check_regular(path: str) -> None:
+    """Raise ``OSError`` unless ``path`` is a regular file (or a link to one); it is not opened."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = _SPECIAL_FILES.get(stat.S_IFMT(mode), "a special file")
+        raise OSError(f"{kind}, not a regular file; it was not opened")
+
+
+def _load_image(path: str) -> Any:
+    """The image at ``path`` (torchvision's default loader), refused unless a regular file."""
+    _check_regular(path)
+    return default_loader(path)
 
 
 def _reason(error: Exception) -> str:
@@ -192,6 +218,7 @@ class ImageFolderDataModule(ImageDataModule):
         unreadable = []
         for path in paths:
             try:
+                _check_regular(path)
                 with Image.open(path):  # reads the header only
                     pass
             except Exception as error:  # PIL raises many types on damaged files
