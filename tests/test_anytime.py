@@ -302,7 +302,7 @@ def test_depth_sampling_trains_ode_form_torchvision_and_timm_nets(kind):
     )
     trainer.fit(module, loader(count=8, size=32))
     depth = stage.depth
-    assert sum(calls) == 2 * (depth + max(1, round(depth / 2)))  # full + half, per batch
+    assert sum(calls) == 2 * (depth + max(1, depth // 2))  # full + half, per batch
     assert find_stages(net)[0].blocks == blocks and find_stages(net)[0].is_ode_form
     assert all(not torch.equal(b.conv1.weight, w) for b, w in zip(blocks, before))
 

@@ -70,6 +70,11 @@ def _set(section, key, value):
         (_set("source", "horizons", {"stages.0.ode_horizon": -1}), "source.horizons must map"),
         (_set("source", "num_classes", 7), r"fc.weight \[7, 4\] declared, \[3, 4\] stored"),
         (_set("source", "widths", [8]), "declares an architecture its weights do not have"),
+        (_set("source", "depths", [1024]), "declares an architecture its weights do not"),
+        (_set("export", "compile", True), "compile=True, which a file cannot switch on"),
+        (_set("export", "checkpoints", 10**12), r"checkpoints must be an int in \[1, 100,000\]"),
+        (_set("export", "rtol", 1e-300), r"rtol must be in \[1e-12, 1\]"),
+        (_set("export", "atol", float("inf")), r"atol must be in \[1e-12, 1\]"),
     ],
 )
 def test_bad_configs_are_refused_before_anything_is_built(saved, tmp_path, change, match):
@@ -99,6 +104,54 @@ def _buffer(suffix, value):
 )
 def test_tampered_buffers_and_weights_are_refused(saved, tmp_path, change, match):
     refused(tampered(saved, tmp_path, change_state=change), match)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda state: state.clear(), "missing fc.bias, fc.weight"),
+        (lambda state: state.pop(next(k for k in state if "path" in k)), "missing "),
+        (lambda state: state.update(extra=torch.zeros(1)), "unexpected extra"),
+        (
+            lambda state: state.update({k: v.long() for k, v in state.items() if "conv1" in k}),
+            "declares an architecture its weights do not have",
+        ),
+    ],
+)
+def test_every_key_is_checked_both_ways_before_anything_is_built(saved, tmp_path, change, match):
+    refused(tampered(saved, tmp_path, change_state=change), match)
+
+
+def test_a_huge_declared_net_with_an_empty_state_allocates_nothing(saved, tmp_path):
+    """4 x 1,024 blocks of width 4,096 (tens of GB) declared by a file holding no weights."""
+    huge = {"depths": [1024] * 4, "widths": [4096] * 4}
+
+    def declare(config):
+        config["source"].update(huge)
+        config["source"]["horizons"] = {}
+
+    path = tampered(saved, tmp_path, change_config=declare, change_state=lambda s: s.clear())
+    with pytest.raises(CheckpointError, match="declares an architecture|source.depths"):
+        load_neural_ode(path)
+
+
+def test_saving_refuses_non_finite_weights_and_keeps_the_previous_file(tmp_path):
+    export = export_neural_ode(ode_resnet(depths=(3,), widths=(4,), num_classes=3))
+    path = tmp_path / "ode.pt"
+    save_neural_ode(export, path)
+    before = path.read_bytes()
+    with torch.no_grad():
+        next(export.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite values.*existing file was kept"):
+        save_neural_ode(export, path)
+    assert path.read_bytes() == before
+
+
+def test_recursive_checkpoints_above_the_steps_are_clamped():
+    export = export_neural_ode(
+        ode_resnet(depths=(4,), widths=(4,)), gradient="recursive", checkpoints=10**5
+    ).train()
+    export(torch.randn(2, 3, 8, 8)).sum().backward()  # at most 4 states: no allocation storm
 
 
 def test_fuzzed_neural_ode_files_load_or_give_a_named_error(saved, tmp_path):

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
+from resode_lightning.core.budget import MAX_STEPS, check_steps, steps_per_stage
 from resode_lightning.core.coarse import BatchStatistics, check_coarse, coarse_steps
 from resode_lightning.core.stages import Stage, find_stages
 
@@ -51,7 +52,7 @@ class DepthSampling(Callback):
 
     Args:
         steps: step counts: fractions of each stage's depth in ``(0, 1]``
-            (``n = max(1, round(f * L))``) or ints (at most the shallowest stage's depth). Full
+            (``n = max(1, ⌊f · L⌋)``) or ints (at most the shallowest stage's depth). Full
             depth runs on every batch whether listed or not.
         draws: how many of the fewer-step counts run per batch, drawn uniformly without
             replacement (``None``: all of them; ``1`` costs less per batch, and measured lower
@@ -80,8 +81,8 @@ class DepthSampling(Callback):
         steps = tuple(steps)
         if not steps or not all(_valid_step(s) for s in steps):
             raise ValueError(
-                f"DepthSampling(steps=...) must be fractions in (0, 1] or positive ints, got "
-                f"{steps!r}"
+                f"DepthSampling(steps=...) must be fractions in (0, 1] or ints in [1, "
+                f"{MAX_STEPS:,}], got {steps!r}"
             )
         if draws is not None and (
             isinstance(draws, bool) or not isinstance(draws, int) or draws < 1
@@ -99,7 +100,8 @@ class DepthSampling(Callback):
 
     def counts(self, stage: Stage) -> list[int]:
         """The step counts of ``steps`` for ``stage``."""
-        return [s if isinstance(s, int) else max(1, round(s * stage.depth)) for s in self.steps]
+        depth = {stage.name: stage.depth}
+        return [steps_per_stage(s, depth, depth)[stage.name] for s in self.steps]
 
     def draw(self, epoch: int, batch_idx: int) -> list[int]:
         """The indices in ``steps`` of the fewer-step passes of a batch."""
@@ -186,8 +188,8 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 
 def _valid_step(step: object) -> bool:
-    if isinstance(step, bool):
+    try:
+        check_steps(step)
+    except ValueError:
         return False
-    if isinstance(step, int):
-        return step >= 1
-    return isinstance(step, float) and 0 < step <= 1
+    return isinstance(step, int) or step <= 1

@@ -2,7 +2,8 @@
 
 A stage of ``L`` blocks in ODE form computes ``x_{k+1} = P(x_k + h * F_k(x_k))`` with
 ``h = horizon / L``: the last affine layer of every branch is multiplied by ``1 / h`` and its
-output by ``h``, so the network computes the same function. A persistent buffer on the
+output by ``h`` (an :class:`~resode_lightning.core.step.ODEStep` around the layer, or the
+block's own step attribute), so the network computes the same function. A persistent buffer on the
 stage's container (``layer3.ode_horizon``) records the horizon, travels with the state dict
 and makes a strict load into a plain model fail loudly.
 """
@@ -25,6 +26,7 @@ from resode_lightning.core.stages import (
     last_layer_name,
     scaled_tensors,
 )
+from resode_lightning.core.step import named_parameters_by_key
 
 
 @torch.no_grad()
@@ -49,7 +51,8 @@ def convert_stage(stage: Stage, horizon: float, *, rescale: bool = True) -> None
             _scale_last_layer(block, stage.adapter, 1.0 / step)
         set_block_step(block, stage.adapter, step)
     reference = next(stage.blocks[0].parameters(), None)
-    device = reference.device if reference is not None else None
+    # on the meta device (a layout, no real weights) the marker stays on the host: it is read
+    device = reference.device if reference is not None and not reference.is_meta else None
     marker = torch.tensor(float(horizon), dtype=torch.float64, device=device)
     stage.container.register_buffer(stage.marker, marker, persistent=True)
 
@@ -68,10 +71,10 @@ def unconvert_stage(stage: Stage) -> None:
 def refresh_steps(model: nn.Module) -> None:
     """Re-install the step of every ODE-form stage of ``model``, in place.
 
-    The step lives in a forward hook on the last layer of each branch (torchvision blocks);
-    code that replaces that layer (``SyncBatchNorm.convert_sync_batchnorm``, quantisation,
-    fusion) drops the hook. The rescaled weights travel with the new layer; this puts the
-    step back so the model computes its function again.
+    The step lives in an :class:`~resode_lightning.core.step.ODEStep` around the last layer of
+    each branch (torchvision blocks). Transforms that replace layers inside it
+    (``SyncBatchNorm.convert_sync_batchnorm``) keep it; code that puts a bare layer in its
+    place drops the step. This wraps such layers again and sets every step to the stage's.
     """
     for stage in find_stages(model):
         if stage.is_ode_form:
@@ -284,12 +287,13 @@ def stage_tensors(stage: Stage) -> tuple[dict[str, list[Tensor]], dict[str, floa
     """The live parameter tensors of a stage's blocks, by name, and their ODE-form factors.
 
     Returns:
-        ``({name: [block_1's tensor, …, block_L's tensor]}, {name: factor})``: the tensors
+        ``({name: [block_1's tensor, …, block_L's tensor]}, {name: factor})``, names as in
+        the blocks' state dicts (``bn2.weight`` also in ODE form); the tensors
         are the blocks' own parameters (not copies), so the lists stay valid while training
         updates them in place; ``factor`` is the scale at which a tensor counts in the ODE
         parametrisation (see :func:`resode_lightning.core.odeform.ode_scale`), 1 when absent.
     """
-    per_block = [dict(block.named_parameters()) for block in stage.blocks]
+    per_block = [named_parameters_by_key(block) for block in stage.blocks]
     tensors = {name: [params[name] for params in per_block] for name in per_block[0]}
     return tensors, ode_scale(stage)
 

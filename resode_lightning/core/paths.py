@@ -90,5 +90,8 @@ def fit_knots(values: Tensor, times: Tensor, count: int) -> tuple[Tensor, Tensor
     knots = torch.linspace(float(times[0]), float(times[-1]), count, dtype=torch.float64)
     basis = hat_basis(times.to(torch.float64), knots)
     flat = values.reshape(length, -1).to(torch.float64)
-    solution = torch.linalg.lstsq(basis, flat).solution
+    # the least-squares operator is found on the host (a small (count, length) matrix) and
+    # applied where the values are, the meta device included (a layout check builds nothing)
+    identity = torch.eye(length, dtype=torch.float64)
+    solution = torch.linalg.lstsq(basis, identity).solution.to(flat.device) @ flat
     return solution.reshape(count, *values.shape[1:]).to(values.dtype), knots.to(times.dtype)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from resode_lightning.core.budget import Steps, steps_per_stage
 from resode_lightning.export.grid import GRID_METHODS
-from resode_lightning.export.options import Steps, steps_per_stage
 from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, NeuralODEStage
 
 Setting = tuple[str, Steps]

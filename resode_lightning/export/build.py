@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from resode_lightning.core.blocks import fold_batchnorm, set_block_step
+from resode_lightning.core.budget import Steps, steps_per_stage
 from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.paths import Interpolation, fit_knots, knot_times
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.export.field import VectorField, WeightPath
-from resode_lightning.export.options import ExportOptions, Steps, steps_per_stage
+from resode_lightning.export.options import ExportOptions
 from resode_lightning.export.solve import ADAPTIVE_METHODS, NeuralODEStage
 from resode_lightning.export.source import source_spec
 
@@ -170,9 +171,7 @@ def _field(
     }
     times = knot_times(stage.depth, stage.horizon)
     if knots is not None:
-        fitted = {
-            name: fit_knots(value, times.to(value.device), knots) for name, value in values.items()
-        }
+        fitted = {name: fit_knots(value, times, knots) for name, value in values.items()}
         values = {name: value for name, (value, _) in fitted.items()}
         times = next(iter(fitted.values()))[1].cpu()
     path = WeightPath(values, times, trainable, interpolation, frozen)

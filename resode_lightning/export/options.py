@@ -7,74 +7,21 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from resode_lightning.core.budget import MAX_STEPS, Steps, check_steps, not_int, parse_steps
 from resode_lightning.core.paths import INTERPOLATIONS
 from resode_lightning.export.grid import GRID_METHODS
 from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, GRADIENTS
 
-Steps = int | float | Mapping[str, int] | None
-"""A budget of solver steps: ``None`` (each stage's depth), an int for every stage, a fraction of
-each stage's depth, or ``{stage name: int}`` (stages not named keep theirs)."""
-MAX_STEPS = 100_000
-"""The most solver steps per stage an export may take."""
-
-
-def check_steps(steps: Steps) -> None:
-    """Raise ``ValueError`` unless ``steps`` is a valid budget (``None`` included).
-
-    A budget is ``None`` (each stage's depth), an int in ``[1, MAX_STEPS]`` for every stage, a
-    positive fraction of each stage's depth (``0.5``: half), or ``{stage name: int}``.
-    """
-    if steps is None:
-        return
-    if isinstance(steps, Mapping):
-        for name, count in steps.items():
-            if not isinstance(name, str) or _not_int(count) or not 1 <= count <= MAX_STEPS:
-                raise ValueError(
-                    f"steps[{name!r}] must be an int in [1, {MAX_STEPS:,}], got {count!r}"
-                )
-        return
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        if not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"steps must be an int in [1, {MAX_STEPS:,}], got {steps!r}")
-        return
-    if not isinstance(steps, float) or not 0 < steps <= MAX_STEPS:
-        raise ValueError(
-            f"steps must be an int in [1, {MAX_STEPS:,}], a positive fraction of each stage's "
-            f"depth, or a dict by stage name, got {steps!r}"
-        )
-
-
-def parse_steps(text: str) -> Steps:
-    """A budget from command-line text: ``"8"``, ``"0.5"``, ``'{"layer3": 6}'`` or ``"None"``.
-
-    Raises:
-        ValueError: anything else, or an invalid budget.
-    """
-    if text.strip().lower() in ("none", "null"):
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise ValueError(
-            f"steps must be an int, a fraction, a JSON object by stage name or None, got {text!r}"
-        )
-    check_steps(value)
-    return value
+TOLERANCES = (1e-12, 1.0)
+"""The range of ``rtol`` and ``atol`` of adaptive methods."""
 
 
 def _optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("none", "null") else int(text)
-
-
-def _not_int(value: object) -> bool:
-    return isinstance(value, bool) or not isinstance(value, int)
 
 
 @dataclass(frozen=True)
@@ -154,14 +101,17 @@ class ExportOptions:
                 f"gradient='recursive' needs a method of {tuple(GRID_METHODS)}, got {self.method!r}"
             )
         if self.checkpoints is not None and (
-            _not_int(self.checkpoints) or self.checkpoints < 1 or self.gradient != "recursive"
+            not_int(self.checkpoints)
+            or not 1 <= self.checkpoints <= MAX_STEPS
+            or self.gradient != "recursive"
         ):
             raise ValueError(
-                f"checkpoints must be an int >= 1 and only given with gradient='recursive', got "
-                f"{self.checkpoints!r} with gradient={self.gradient!r}"
+                f"checkpoints must be an int in [1, {MAX_STEPS:,}] (more than the steps are never "
+                f"used) and only given with gradient='recursive', got {self.checkpoints!r} with "
+                f"gradient={self.gradient!r}"
             )
         if self.knots is not None:
-            if _not_int(self.knots) or self.knots < 2:
+            if not_int(self.knots) or self.knots < 2:
                 raise ValueError(
                     f"knots must be an int >= 2 (None: one knot per block), got {self.knots!r}"
                 )
@@ -169,8 +119,14 @@ class ExportOptions:
                 raise ValueError("knots=... fits a linear path: use interpolation='linear'")
         for name in ("rtol", "atol"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            low, high = TOLERANCES
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(
+                    f"{name} must be in [{low:g}, {high:g}] (below it no float64 solve can meet "
+                    f"it, above it nothing is controlled), got {value!r}"
+                )
         for name in ("fold_bn", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -218,46 +174,3 @@ def _check_steps(method: str, steps: Steps) -> None:
             f"and atol; pass steps=None, or a fixed-grid method such as 'rk4'"
         )
     check_steps(steps)
-
-
-def steps_per_stage(
-    steps: Steps, depths: Mapping[str, int | None], current: Mapping[str, int]
-) -> dict[str, int]:
-    """The steps of every stage under the budget ``steps``: the one reading of a budget.
-
-    Args:
-        steps: a budget (see :func:`check_steps`).
-        depths: ``{stage name: source depth L}`` (``None``: not recorded).
-        current: the steps of stages a mapping does not name (and of all stages for ``None``).
-
-    Returns:
-        ``{stage name: steps}``; a fraction ``f`` gives ``max(1, round(f * L))``.
-
-    Raises:
-        ValueError: an invalid budget; a name that is no stage; more than ``MAX_STEPS`` steps;
-            a fraction for a stage whose depth is not recorded.
-    """
-    check_steps(steps)
-    if steps is None:
-        return dict(current)
-    if isinstance(steps, Mapping):
-        unknown = sorted(set(steps) - set(depths))
-        if unknown:
-            raise ValueError(f"steps names unknown stage(s) {unknown}; stages are {list(depths)}")
-        return {name: steps.get(name, current[name]) for name in depths}
-    if isinstance(steps, int):
-        return dict.fromkeys(depths, steps)
-    counts = {}
-    for name, depth in depths.items():
-        if depth is None:
-            raise ValueError(
-                f"stage {name!r} does not record its source depth (exported by an older "
-                f"version): give steps as an int or a dict"
-            )
-        counts[name] = max(1, round(steps * depth))
-        if counts[name] > MAX_STEPS:
-            raise ValueError(
-                f"steps={steps!r} of stage {name!r}'s depth {depth} gives {counts[name]:,} steps, "
-                f"more than {MAX_STEPS:,}"
-            )
-    return counts

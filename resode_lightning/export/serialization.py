@@ -21,17 +21,17 @@ from torch import nn
 from resode_lightning.core.blocks import qualified_name
 from resode_lightning.core.files import CheckpointError, atomic_save, safe_torch_load
 from resode_lightning.core.odeform import convert_stage, unconvert_stage
-from resode_lightning.core.stages import find_stages
+from resode_lightning.core.stages import MARKER, Stage, find_stages
 from resode_lightning.export.build import build_export, exported_config
 from resode_lightning.export.options import ExportOptions
 from resode_lightning.export.solve import NeuralODEStage
 from resode_lightning.export.source import (
     BUILT_KINDS,
+    _build,
     build_source,
     check_source_spec,
     fingerprint,
     fingerprint_differences,
-    shape_mismatches,
 )
 
 FORMAT = "resode-neural-ode/3"
@@ -54,12 +54,34 @@ def save_neural_ode(module: nn.Module, path: str | os.PathLike) -> Path:
         The path written.
 
     Raises:
-        ValueError: ``module`` was not made by ``export_neural_ode``.
+        ValueError: ``module`` was not made by ``export_neural_ode``; a weight holds NaN or
+            infinite values (nothing is written, an existing file is kept).
     """
     config = exported_config(module)
+    config["export"]["compile"] = False  # how to run is the loader's choice, not the file's
     text = json.dumps({"format": FORMAT, **config}, sort_keys=True)
     state = {key: value.detach().cpu() for key, value in module.state_dict().items()}
+    broken = non_finite(state)
+    if broken:
+        raise ValueError(
+            f"not saving {os.fspath(path)!r}: {_head(broken)} hold NaN or infinite values (the "
+            f"weights diverged?); an existing file was kept"
+        )
     return atomic_save({"config": text, "state_dict": state}, path)
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating tensors of ``state`` that hold NaN or infinite values."""
+    return [
+        name
+        for name, tensor in state.items()
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all())
+    ]
+
+
+def _head(names: list[str], count: int = 3) -> str:
+    more = f" and {len(names) - count} more" if len(names) > count else ""
+    return ", ".join(names[:count]) + more
 
 
 def load_neural_ode(
@@ -101,17 +123,16 @@ def load_neural_ode(
         )
     state = content["state_dict"]
     source, options, legacy = _read_config(path, content["config"], state)
-    if model is None:
-        if source["kind"] not in BUILT_KINDS:
-            raise CheckpointError(
-                f"{path}: this export was made from {source['class']}; pass "
-                f"model=<a fresh {source['class']}(...)> to load_neural_ode (with its block types "
-                f"registered)"
-            )
-        base = build_source(source)
-    else:
+    if model is None and source["kind"] not in BUILT_KINDS:
+        raise CheckpointError(
+            f"{path}: this export was made from {source['class']}; pass "
+            f"model=<a fresh {source['class']}(...)> to load_neural_ode (with its block types "
+            f"registered)"
+        )
+    if model is not None:
         _check_skeleton(path, source, model)
-        base = copy.deepcopy(model)
+    _check_layout(path, source, model, options, legacy, state)
+    base = build_source(source) if model is None else copy.deepcopy(model)
     try:
         _set_form(base, source["horizons"])
         exported = build_export(base, options, fold_at_knots=legacy and options.fold_bn)
@@ -148,18 +169,54 @@ def _read_config(
     try:
         check_source_spec(config["source"])
         options = ExportOptions.from_config(config["export"])
-        mismatches = (
-            shape_mismatches(config["source"], state)
-            if config["source"]["kind"] in BUILT_KINDS
-            else []
-        )
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{path} has an invalid config: {error}") from None
-    if mismatches:
+    if options.compile:
         raise CheckpointError(
-            f"{path} declares an architecture its weights do not have: " + "; ".join(mismatches[:5])
+            f"{path} asks for compile=True, which a file cannot switch on: load it, then "
+            f"compile what you choose"
         )
     return config["source"], options, config["format"] == LEGACY_FORMAT
+
+
+def _check_layout(
+    path: Path,
+    source: dict[str, Any],
+    model: nn.Module | None,
+    options: ExportOptions,
+    legacy: bool,
+    state: dict[str, torch.Tensor],
+) -> None:
+    """Raise ``CheckpointError`` unless ``state`` has exactly the tensors, shapes and kinds of
+    the export the file declares, every key both ways; the export is laid out on the meta
+    device, so a file declaring a larger net than it holds allocates nothing."""
+    meta = _build(source, "meta") if model is None else _on_meta(copy.deepcopy(model))
+    try:
+        _set_form(meta, source["horizons"])
+        declared = build_export(meta, options, fold_at_knots=legacy and options.fold_bn)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: cannot export {source['class']} again: {error}") from None
+    expected = declared.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{key} {list(value.shape)} declared, {list(state[key].shape)} stored"
+        for key, value in expected.items()
+        if key in state
+        and (
+            list(value.shape) != list(state[key].shape)
+            or value.is_floating_point() != state[key].is_floating_point()
+        )
+    ]
+    problems = [
+        *([f"missing {_head(missing)}"] if missing else []),
+        *([f"unexpected {_head(unexpected)}"] if unexpected else []),
+        *wrong[:3],
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{path} declares an architecture its weights do not have: " + "; ".join(problems)
+        )
 
 
 def _check_loaded(path: Path, exported: nn.Module) -> None:
@@ -178,6 +235,21 @@ def _check_loaded(path: Path, exported: nn.Module) -> None:
             raise CheckpointError(
                 f"{path}: {name}.field.path.times are not increasing times in [0, {horizon:g}]"
             )
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    """``model`` with its tensors on the meta device, in place; ODE-form markers stay on the
+    host (their horizon is read to lay out the export)."""
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is not None:
+                module._parameters[name] = nn.Parameter(
+                    parameter.detach().to("meta"), requires_grad=parameter.requires_grad
+                )
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not name.startswith(MARKER):
+                module._buffers[name] = buffer.to("meta")
+    return model
 
 
 def _check_skeleton(path: Path, source: dict[str, Any], model: nn.Module) -> None:
@@ -203,8 +275,18 @@ def _set_form(model: nn.Module, horizons: dict[str, float]) -> None:
     """
     prefix_of = {id(module): f"{name}." if name else "" for name, module in model.named_modules()}
     for stage in find_stages(model):
-        horizon = horizons.get(prefix_of[id(stage.container)] + stage.marker)
+        key = prefix_of[id(stage.container)] + stage.marker
+        _marker_on_host(stage, horizons.get(key, 1.0))
+        horizon = horizons.get(key)
         if stage.horizon != horizon:
             unconvert_stage(stage)
             if horizon is not None:
                 convert_stage(stage, horizon)
+                _marker_on_host(stage, horizon)
+
+
+def _marker_on_host(stage: Stage, horizon: float) -> None:
+    """A marker on the meta device (a layout, whose weights are not real) gets a host value."""
+    marker = stage.container._buffers.get(stage.marker)
+    if marker is not None and marker.is_meta:
+        stage.container._buffers[stage.marker] = torch.tensor(float(horizon), dtype=torch.float64)

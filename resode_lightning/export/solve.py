@@ -78,7 +78,7 @@ class NeuralODEStage(nn.Module):
             (:data:`ADAPTIVE_METHODS`).
         steps: number of equal steps of a fixed-grid method (``None`` for adaptive ones).
         gradient: ``"backprop"``, ``"checkpoint"``, ``"recursive"`` or ``"adjoint"``.
-        checkpoints: stored states of ``gradient="recursive"``; ``None``:
+        checkpoints: stored states of ``gradient="recursive"``, at most the steps; ``None``:
             ``⌈log2 steps⌉ + 1``, which recomputes about ``log2(steps) / 2`` forward passes (63
             steps recomputed for 36 steps, 738 for 256).
         rtol: relative tolerance of adaptive methods.
@@ -250,7 +250,7 @@ class NeuralODEStage(nn.Module):
             self._grids[(self.method, self.steps)] = grid
         grid.bind(self.horizon)
         if grad and self.gradient == "recursive":
-            checkpoints = self.checkpoints or default_checkpoints(self.steps)
+            checkpoints = min(self.checkpoints or default_checkpoints(self.steps), self.steps)
             params = [p for p in self.field.parameters() if p.requires_grad]
             return binomial_checkpoint(grid.step, x, self.steps, checkpoints, params)
         for k in range(self.steps):
