@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -297,6 +298,40 @@ def test_callback_exports_at_fit_end(tmp_path):
     with torch.no_grad():
         expected = export_neural_ode(module.net["backbone"], method="rk4")(x)
         assert torch.allclose(loaded(x), expected)
+
+
+def test_callback_writes_nothing_after_weights_went_non_finite(tmp_path):
+    from helpers.boring import NestedBackboneModule, loader, quiet_trainer
+
+    class Diverging(NestedBackboneModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 2 else loss  # the third diverges
+
+    path = tmp_path / "ode.pt"
+    path.write_bytes(b"previous export")
+    module = Diverging(ode_resnet(depths=(2,), widths=(4,), seed=0))
+    trainer = quiet_trainer(max_steps=4, callbacks=[NeuralODEExport(path)])
+    with pytest.warns(UserWarning, match=r"went NaN or infinite \(first after global step 3\)"):
+        trainer.fit(module, loader(count=8, size=8))
+    assert path.read_bytes() == b"previous export"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "under a file"])
+def test_callback_refuses_an_unwritable_path_before_training(tmp_path, kind):
+    from helpers.boring import NestedBackboneModule, loader, quiet_trainer
+
+    if kind == "fifo":
+        path = tmp_path / "ode.pt"
+        os.mkfifo(path)
+    else:
+        (tmp_path / "file").write_text("not a folder")
+        path = tmp_path / "file" / "ode.pt"
+    module = NestedBackboneModule(ode_resnet(depths=(2,), widths=(4,), seed=0))
+    trainer = quiet_trainer(max_steps=1, callbacks=[NeuralODEExport(path)])
+    with pytest.raises(ValueError, match=r"NeuralODEExport: .*(a FIFO|not a directory|exists)"):
+        trainer.fit(module, loader(count=4, size=8))
+    assert trainer.global_step == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

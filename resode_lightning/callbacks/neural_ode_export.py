@@ -6,15 +6,19 @@ Exports the trained ResNet as a neural ODE file when fitting ends.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
 from resode_lightning.core.blocks import BlockAdapterError
+from resode_lightning.core.files import writable_target
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.options import ExportOptions
@@ -26,8 +30,10 @@ class NeuralODEExport(Callback):
 
     Everything that could refuse the export is checked when fitting starts (``setup``), by
     exporting the network once: an unknown submodule, a network without residual stages,
-    options that do not fit it, an output path that cannot be written. The file (written
-    atomically by :func:`save_neural_ode`, rank zero only) loads back without unpickling
+    options that do not fit it, an output path that cannot be written. A run whose weights
+    went NaN or infinite writes nothing (an existing file is kept) and warns with the first
+    step where they did. The file (written atomically by :func:`save_neural_ode`, rank zero
+    only, after checking that it loads back) loads back without unpickling
     anything, with ``resode_lightning.load_neural_ode(path)`` for a torchvision ResNet or an
     ``ode_resnet``, and with ``load_neural_ode(path, model=<a fresh network>)`` for any other.
 
@@ -69,6 +75,8 @@ class NeuralODEExport(Callback):
         self.submodule = submodule
         self.options = (options or ExportOptions()).replace(**overrides)
         self.network_name: str | None = None
+        self._parameters: list[torch.Tensor] = []
+        self._first_non_finite: torch.Tensor | None = None
 
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -86,7 +94,15 @@ class NeuralODEExport(Callback):
         if self.path.is_dir():
             raise ValueError(f"NeuralODEExport: path {str(self.path)!r} is a directory")
         if trainer.is_global_zero:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                writable_target(self.path)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"NeuralODEExport: cannot write {str(self.path)!r}: {error}"
+                ) from None
+        self._parameters = [p for p in network.parameters() if p.is_floating_point()]
+        self._first_non_finite = None
 
     def _find(self, pl_module: nn.Module) -> str:
         """The dotted name of the network to export."""
@@ -115,8 +131,30 @@ class NeuralODEExport(Callback):
         )
 
     @override
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # the first step whose weights are not finite, kept on the device: no host sync here
+        if not self._parameters:
+            return
+        largest = torch.nn.utils.get_total_norm(self._parameters, norm_type=math.inf)
+        step = torch.full((), trainer.global_step, device=largest.device)
+        if self._first_non_finite is None:
+            self._first_non_finite = torch.full((), -1, device=largest.device)
+        fresh = ~torch.isfinite(largest) & (self._first_non_finite < 0)
+        self._first_non_finite = torch.where(fresh, step, self._first_non_finite)
+
+    @override
     def on_fit_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
         network = pl_module.get_submodule(self.network_name)
-        save_neural_ode(export_neural_ode(network, self.options), self.path)
+        broken = [n for n, p in network.named_parameters() if not bool(p.isfinite().all())]
+        if broken:
+            first = -1 if self._first_non_finite is None else int(self._first_non_finite)
+            when = f" (first after global step {first})" if first >= 0 else ""
+            rank_zero_warn(
+                f"NeuralODEExport: not writing {str(self.path)!r}: the weights of "
+                f"{self.network_name!r} went NaN or infinite{when}, e.g. {broken[0]}; "
+                f"an existing file was kept. Lower the learning rate or check the data"
+            )
+            return
+        save_neural_ode(export_neural_ode(network, self.options), self.path, model=network)

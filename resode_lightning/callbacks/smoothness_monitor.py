@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
@@ -154,6 +154,12 @@ class SmoothnessMonitor(Callback):
             raise ValueError(f"SmoothnessMonitor: {error}") from None
         if self.every_n_steps is None:
             self._interval = trainer.log_every_n_steps
+        if self.probe_every_n_epochs is not None and not _has_forward(pl_module):
+            raise ValueError(
+                f"SmoothnessMonitor(probe_every_n_epochs=...) runs the module on a validation "
+                f"batch, but {type(pl_module).__name__} defines no forward: define forward(x) "
+                f"returning the network's output, or leave probe_every_n_epochs=None"
+            )
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -202,6 +208,13 @@ class SmoothnessMonitor(Callback):
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
         self._flush(trainer)
+        if self._last_step == -1:
+            rank_zero_warn(
+                f"SmoothnessMonitor: nothing was measured in {trainer.global_step} steps: "
+                f"measurements are taken every {self._interval or 'no'} steps"
+                f"{' and at epoch ends' if self.on_epoch_end else ''}; pass "
+                f"SmoothnessMonitor(every_n_steps=...) below the run's length"
+            )
         if not (self.plot and trainer.is_global_zero and self._history.stages):
             return
         figure = smoothness_figure(self._history)
@@ -323,6 +336,12 @@ def _check_positive(name: str, value: object, *, optional: bool = False) -> None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         allowed = "a positive int or None" if optional else "a positive int"
         raise ValueError(f"SmoothnessMonitor({name}=...) must be {allowed}, got {value!r}")
+
+
+def _has_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class (not Lightning's or torch's) defines ``forward``."""
+    owner = getattr(type(module).forward, "__module__", "") or ""
+    return not owner.startswith(("torch.", "pytorch_lightning.", "lightning."))
 
 
 def _first_tensor(batch: Any) -> Tensor | None:

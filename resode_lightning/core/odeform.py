@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from resode_lightning.core.blocks import BlockAdapter, set_block_step
+from resode_lightning.core.budget import MAX_STEPS, check_steps, not_int
 from resode_lightning.core.paths import Interpolation, interpolate, knot_times
 from resode_lightning.core.stages import (
     MARKER,
@@ -83,7 +84,8 @@ def refresh_steps(model: nn.Module) -> None:
 
 
 def _check_horizon(horizon: float) -> None:
-    if not (isinstance(horizon, (int, float)) and horizon > 0 and horizon != float("inf")):
+    number = isinstance(horizon, (int, float)) and not isinstance(horizon, bool)
+    if not (number and horizon > 0 and horizon != float("inf")):
         raise ValueError(f"horizon must be a positive finite number, got {horizon!r}")
 
 
@@ -320,8 +322,8 @@ def blocks_at_depth(
     weight path at ``t_j = j * horizon / steps``; the blocks are in ODE form with step
     ``horizon / steps``. With ``steps == L`` they equal the stage's blocks.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an int in [1, {MAX_STEPS:,}], got {steps!r}")
     horizon = stage.horizon or 1.0
     blocks = stage.blocks
     if stage.adapter.step_attribute is None and stage.adapter.last_layer(blocks[0]) is None:
@@ -436,6 +438,9 @@ def resample_depth(
     Returns:
         The model in ODE form, each resampled stage with step ``horizon / steps``.
     """
+    if isinstance(steps, float):
+        raise ValueError(f"resample_depth takes block counts (ints), got the fraction {steps!r}")
+    check_steps(steps)
     model = model if inplace else copy.deepcopy(model)
     stages = find_stages(model)
     if isinstance(steps, Mapping):

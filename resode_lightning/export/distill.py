@@ -7,7 +7,9 @@ every batch (the mean of their losses, optionally weighted), towards the source'
 (KL divergence to its softened logits) and the labels: depth sampling with the expectation
 over the set taken exactly, which measured better than one count drawn per batch at equal
 epochs. Progress is checkpointed atomically after every epoch; a run started again with the
-same checkpoint path resumes from it.
+same checkpoint path resumes from it, once every field of the file is validated. A run whose
+loss or weights turn NaN or inf stops with an error naming the epoch and batch, and writes
+nothing.
 """
 
 from __future__ import annotations
@@ -23,12 +25,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from resode_lightning.core.files import CheckpointError, atomic_save
+from resode_lightning.core.budget import check_steps
+from resode_lightning.core.files import (
+    CheckpointError,
+    atomic_save,
+    safe_torch_load,
+    writable_target,
+)
 from resode_lightning.export.anytime import resolve_steps, set_steps
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.options import ExportOptions
 
 CHECKPOINT_FORMAT = "resode-depth-distillation/1"
+MAX_LR = 1.0
+"""The largest peak learning rate accepted: AdamW moves every weight by up to ``lr`` per step,
+so larger rates only diverge."""
+MAX_STEP_COUNT = 2**24
+"""The most optimizer steps a resumed AdamW state may record (counts stay exact in float32)."""
+_ADAM_STATE = frozenset({"step", "exp_avg", "exp_avg_sq"})
 
 
 def distill_depth(
@@ -66,7 +80,8 @@ def distill_depth(
             not measured on production ResNets, hence not the default.
         epochs: passes over ``loader``.
         knots: fit each stage's weight path at this many knots first (``None``: one per block).
-        lr: peak learning rate of AdamW (cosine schedule to 0 over all steps). The default
+        lr: peak learning rate of AdamW (cosine schedule to 0 over all steps), in
+            ``(0, MAX_LR]``. The default
             suits production ResNets (measured on a torchvision ResNet: 1e-4 keeps it, 3e-4 and
             above break it); small ODE-ResNets trained from scratch in ODE form, whose weights
             sit at the larger ODE scale, take 1e-3 to 3e-3.
@@ -79,7 +94,8 @@ def distill_depth(
         label_weight: weight of the cross-entropy on the labels; the distillation term has
             ``1 - label_weight``.
         options: export options (default: Euler, linear path, BatchNorm folded, backprop).
-        checkpoint: file to write after every epoch and to resume from when it exists.
+        checkpoint: file to write after every epoch and to resume from when it exists (its
+            directory is checked to be writable before training).
         device: where to train (default: the source's device).
         progress: show a progress bar (tqdm) per epoch.
 
@@ -88,10 +104,17 @@ def distill_depth(
         :func:`~resode_lightning.save_neural_ode`, choose a budget with ``set_steps``.
 
     Raises:
-        ValueError: an argument out of range; ``options`` with an adaptive method.
-        CheckpointError: ``checkpoint`` exists but was written for other settings.
+        ValueError: an argument out of range; ``options`` with an adaptive method; ``source``
+            holds NaN or inf; the loss or the weights turned NaN or inf during training (the
+            message names the epoch and batch; ``checkpoint`` is left as it was).
+        CheckpointError: ``checkpoint`` exists but is damaged, forged or was written for other
+            settings (the message names the file and the differences).
+        OSError: ``checkpoint`` cannot be written (see
+            :func:`~resode_lightning.core.files.writable_target`).
     """
-    _check(steps, step_weights, epochs, lr, warmup, weight_decay, temperature, label_weight)
+    check_settings(steps, step_weights, epochs, lr, warmup, weight_decay, temperature, label_weight)
+    if checkpoint is not None:
+        writable_target(checkpoint)
     options = (options or ExportOptions(gradient="backprop")).replace(knots=knots)
     if options.steps is not None or options.method not in ("euler", "midpoint", "rk4"):
         raise ValueError(
@@ -100,6 +123,12 @@ def distill_depth(
         )
     device = torch.device(device) if device is not None else _device(source)
     teacher = source.to(device).eval()
+    poisoned = first_non_finite(teacher.state_dict().items())
+    if poisoned is not None:
+        raise ValueError(
+            f"the source's {poisoned!r} holds NaN or inf values, so every output distilled from "
+            f"it would too; use finite weights"
+        )
     student = export_neural_ode(teacher, options).to(device)
     for budget in steps:
         resolve_steps(student, budget)
@@ -121,15 +150,17 @@ def distill_depth(
     shares = [float(w) / sum(step_weights) for w in step_weights] if step_weights else None
     parameters = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
-    total = epochs * _length(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _Cosine(total, warmup))
+    per_epoch = _length(loader)
     start = 0
     if checkpoint is not None and Path(checkpoint).is_file():
-        start = _resume(checkpoint, settings, student, optimizer, scheduler)
+        start = _resume(checkpoint, settings, student, optimizer, epochs)
+    schedule = _Cosine(epochs * per_epoch, warmup)  # rebuilt at the resumed step, not read
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, start * per_epoch - 1)
+    kept = f" ({checkpoint} keeps the last epoch finished)" if checkpoint is not None else ""
     for epoch in range(start, epochs):
         student.eval()  # norms outside the stages keep their running statistics
         batches = _progress(loader, f"distill epoch {epoch + 1}/{epochs}", progress)
-        for batch in batches:
+        for number, batch in enumerate(batches, 1):
             images, labels = batch[0].to(device), batch[1].to(device)
             with torch.no_grad():
                 target = teacher(images)
@@ -142,11 +173,22 @@ def distill_depth(
                 loss = loss / len(steps) if shares is None else loss * shares[index]
                 loss.backward()
                 total += loss.detach()
+            if not math.isfinite(float(total)):
+                raise _diverged(
+                    f"epoch {epoch + 1}/{epochs}, batch {number}/{per_epoch}",
+                    f"the loss is {float(total)}",
+                    kept,
+                )
             optimizer.step()
             scheduler.step()
             if hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{float(total):.3f}", refresh=False)
         set_steps(student, 1.0)
+        poisoned = first_non_finite(_trained_tensors(student, optimizer))
+        if poisoned is not None:
+            raise _diverged(
+                f"the end of epoch {epoch + 1}/{epochs}", f"{poisoned} holds NaN or inf", kept
+            )
         if checkpoint is not None:
             state = {
                 "format": CHECKPOINT_FORMAT,
@@ -196,26 +238,203 @@ def _resume(
     settings: dict[str, Any],
     student: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epochs: int,
 ) -> int:
-    """Load a distillation checkpoint into the run; returns the epochs it completed."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged files
-        raise CheckpointError(
-            f"{path} is not a readable distillation checkpoint: {error}"
-        ) from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    """Load a distillation checkpoint into ``student`` and ``optimizer``; returns the epochs it
+    completed.
+
+    The file is read by :func:`~resode_lightning.core.files.safe_torch_load` and every field
+    used is validated before anything is loaded: ``settings`` must equal this run's, ``epoch``
+    lie in ``[0, epochs]``, ``model`` match the student's names, shapes and dtypes, and
+    ``optimizer`` hold AdamW moments of the parameters' shapes and step counts; no tensor may
+    hold NaN or inf. The optimizer's hyper-parameters and the learning-rate schedule are not
+    read: they follow from the (matching) settings and the epoch.
+
+    Raises:
+        CheckpointError: the file is unreadable, damaged, forged or written for other settings;
+            the message names it and what is wrong.
+    """
+    path = Path(path)
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or _field(state, "format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a distillation checkpoint ({CHECKPOINT_FORMAT})")
-    if json.loads(state["settings"]) != json.loads(json.dumps(settings)):
+    missing = [key for key in ("settings", "epoch", "model", "optimizer") if key not in state]
+    if missing:
         raise CheckpointError(
-            f"{path} was written by a distillation with other settings: "
-            f"{state['settings']}; remove it or use another checkpoint path"
+            f"{path} lacks {', '.join(map(repr, missing))}: it is damaged; remove it to start over"
         )
-    student.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["epoch"])
+    _check_recorded_settings(path, state["settings"], settings)
+    epoch = state["epoch"]
+    if type(epoch) is not int or not 0 <= epoch <= epochs:
+        raise CheckpointError(
+            f"{path} records {_short(epoch)} epochs done; it must be an int in [0, {epochs}]: "
+            f"the file is damaged, remove it to start over"
+        )
+    model = _model_state(path, state["model"], student.state_dict())
+    moments = _optimizer_state(path, state["optimizer"], optimizer)
+    student.load_state_dict(model)
+    optimizer.load_state_dict(moments)
+    return epoch
+
+
+def _field(state: dict[Any, Any], key: str) -> str | None:
+    """``state[key]`` when it is a string, else ``None``."""
+    value = state.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _short(value: object, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters, for messages about hostile values."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= width else f"{text[: width - 3]}..."
+
+
+def _check_recorded_settings(path: Path, recorded: object, settings: dict[str, Any]) -> None:
+    """Raise ``CheckpointError`` unless ``recorded`` (the checkpoint's JSON text) holds
+    ``settings``; the message names every difference."""
+    current = json.loads(json.dumps(settings))
+    try:
+        if not isinstance(recorded, str):
+            raise ValueError(f"it is {type(recorded).__name__}, not JSON text")
+        found = json.loads(recorded)
+        if not isinstance(found, dict):
+            raise ValueError(f"it holds {type(found).__name__}, not a JSON object")
+        differences = [
+            f"{key} {_short(found.get(key, 'absent'), 30)} recorded, "
+            f"{_short(current.get(key, 'absent'), 30)} now"
+            for key in sorted(set(found) | set(current))
+            if key not in found or key not in current or found[key] != current[key]
+        ]
+    except (ValueError, RecursionError) as error:
+        raise CheckpointError(
+            f"{path}: its 'settings' are unreadable ({_short(str(error))}); the file is damaged, "
+            f"remove it to start over"
+        ) from None
+    if differences:
+        shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
+        raise CheckpointError(
+            f"{path} was written by a distillation with other settings ({shown}); rerun with "
+            f"the recorded settings, or remove it or use another checkpoint path"
+        )
+
+
+def _model_state(path: Path, found: object, expected: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The checkpoint's ``model`` once checked to hold exactly ``expected``'s names, each a
+    finite tensor of the same shape and dtype."""
+    if not isinstance(found, dict):
+        raise CheckpointError(
+            f"{path}: 'model' holds {type(found).__name__}, not the student's state dict"
+        )
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(map(repr, set(found) - set(expected)))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: 'model' does not match the student (another source or options?): "
+            f"missing {missing[:5]}, unexpected [{', '.join(unexpected[:5])}]"
+        )
+    return {
+        key: _checked_tensor(path, f"model[{key!r}]", found[key], like)
+        for key, like in expected.items()
+    }
+
+
+def _optimizer_state(path: Path, found: object, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The state to load into the fresh AdamW ``optimizer``: its own parameter groups (with
+    ``initial_lr`` for the rebuilt schedule) and the checkpoint's moments and step counts,
+    each checked against its parameter."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    entries = found.get("state") if isinstance(found, dict) else None
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{path}: 'optimizer' holds no AdamW state (a dict with 'state')")
+    state = {}
+    for index, entry in entries.items():
+        if type(index) is not int or not 0 <= index < len(parameters):
+            raise CheckpointError(
+                f"{path}: the optimizer state names parameter {_short(index)}; the student has "
+                f"{len(parameters)} (0 to {len(parameters) - 1})"
+            )
+        if not isinstance(entry, dict) or set(entry) != _ADAM_STATE:
+            raise CheckpointError(
+                f"{path}: the optimizer state of parameter {index} must hold exactly "
+                f"{', '.join(sorted(_ADAM_STATE))}; found {_short(entry)}"
+            )
+        name = f"the optimizer's {{}} of parameter {index}"
+        like = parameters[index].detach()
+        squares = _checked_tensor(path, name.format("exp_avg_sq"), entry["exp_avg_sq"], like)
+        if bool((squares < 0).any()):
+            raise CheckpointError(f"{path}: {name.format('exp_avg_sq')} holds negative values")
+        state[index] = {
+            "step": torch.tensor(_step_count(path, name.format("step"), entry["step"])),
+            "exp_avg": _checked_tensor(path, name.format("exp_avg"), entry["exp_avg"], like),
+            "exp_avg_sq": squares,
+        }
+    groups = [
+        {**group, "initial_lr": group["lr"]} for group in optimizer.state_dict()["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def _checked_tensor(path: Path, name: str, value: object, like: Tensor) -> Tensor:
+    """``value`` detached, once checked to be a tensor of ``like``'s shape and dtype holding no
+    NaN or inf."""
+    if not isinstance(value, Tensor):
+        found = type(value).__name__
+    elif value.shape != like.shape or value.dtype != like.dtype:
+        found = f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise CheckpointError(
+            f"{path}: {name} holds NaN or inf (the run it records had diverged); remove the "
+            f"file to start over"
+        )
+    else:
+        return value.detach()
+    raise CheckpointError(
+        f"{path}: {name} must be a {like.dtype} tensor of shape {tuple(like.shape)}, found {found}"
+    )
+
+
+def _step_count(path: Path, name: str, value: object) -> float:
+    """An AdamW step count: a whole number in ``[1, MAX_STEP_COUNT]`` (0 would divide by 0)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype.is_floating_point:
+        count = float(value)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        count = float(value) if abs(value) <= MAX_STEP_COUNT else math.inf
+    else:
+        count = math.nan
+    if not (count.is_integer() and 1 <= count <= MAX_STEP_COUNT):
+        raise CheckpointError(
+            f"{path}: {name} is {_short(value)}; a step count is a whole number in "
+            f"[1, {MAX_STEP_COUNT:,}]"
+        )
+    return count
+
+
+def first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The name of the first floating-point tensor of ``named`` that holds NaN or inf."""
+    for name, tensor in named:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _trained_tensors(
+    student: nn.Module, optimizer: torch.optim.Optimizer
+) -> Iterable[tuple[str, Tensor]]:
+    """The student's state and the optimizer's moments, by name."""
+    for key, value in student.state_dict().items():
+        yield f"the student's {key!r}", value
+    for index, entry in optimizer.state_dict()["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                yield f"the optimizer's {key} of parameter {index}", value
+
+
+def _diverged(where: str, what: str, kept: str) -> ValueError:
+    """The error of a run whose loss or weights turned NaN or inf at ``where``."""
+    return ValueError(
+        f"distillation diverged at {where}: {what}; stopped before writing this epoch{kept}; "
+        f"lower the learning rate or add a warm-up, and check the data for NaN or inf"
+    )
 
 
 def _progress(loader: Iterable[Any], description: str, enabled: bool) -> Iterable[Any]:
@@ -238,7 +457,7 @@ def _device(model: nn.Module) -> torch.device:
     return reference.device if reference is not None else torch.device("cpu")
 
 
-def _check(
+def check_settings(
     steps: Sequence[float | int],
     step_weights: Sequence[float] | None,
     epochs: int,
@@ -248,23 +467,42 @@ def _check(
     temperature: float,
     label_weight: float,
 ) -> None:
+    """Raise ``ValueError`` naming the first argument of :func:`distill_depth` out of range.
+
+    Every number must be finite: ``lr`` in ``(0, MAX_LR]``, ``warmup`` in ``[0, 1)``,
+    ``weight_decay >= 0``, ``temperature > 0``, ``label_weight`` in ``[0, 1]``, ``epochs`` a
+    positive int, ``steps`` valid budgets, ``step_weights`` one weight >= 0 per step count,
+    not all 0.
+    """
     if not steps:
         raise ValueError("steps must name at least one step count")
+    for budget in steps:
+        check_steps(budget)
     if step_weights is not None and (
         len(step_weights) != len(steps)
-        or any(not w >= 0 for w in step_weights)
+        or not all(_real(w) and w >= 0 for w in step_weights)
         or not sum(step_weights) > 0
     ):
         raise ValueError(
-            f"step_weights must give one weight >= 0 per step count (not all 0), got "
+            f"step_weights must give one finite weight >= 0 per step count (not all 0), got "
             f"{step_weights!r} for steps {steps!r}"
         )
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup must be a share of the steps in [0, 1), got {warmup!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive int, got {epochs!r}")
-    if not (lr > 0 and weight_decay >= 0 and temperature > 0 and 0 <= label_weight <= 1):
-        raise ValueError(
-            f"need lr > 0, weight_decay >= 0, temperature > 0 and 0 <= label_weight <= 1, got "
-            f"{lr!r}, {weight_decay!r}, {temperature!r}, {label_weight!r}"
-        )
+    checks = (
+        ("lr", lr, f"in (0, {MAX_LR:g}]", lambda x: 0 < x <= MAX_LR),
+        ("warmup", warmup, "a share of the steps in [0, 1)", lambda x: 0 <= x < 1),
+        ("weight_decay", weight_decay, ">= 0", lambda x: x >= 0),
+        ("temperature", temperature, "> 0", lambda x: x > 0),
+        ("label_weight", label_weight, "in [0, 1]", lambda x: 0 <= x <= 1),
+    )
+    for name, value, expected, accepts in checks:
+        if not (_real(value) and accepts(value)):
+            raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
+
+
+def _real(value: object) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)

@@ -86,8 +86,8 @@ def _onnx(program: nn.Module, probe: Tensor) -> tuple[bytes, Tensor]:
         import onnxruntime
     except ImportError:
         raise ValueError(
-            "--format onnx needs onnx, onnxscript and onnxruntime: pip install onnx onnxscript "
-            "onnxruntime"
+            "--format onnx needs onnx, onnxscript and onnxruntime: pip install "
+            "'resode-lightning[onnx]'"
         ) from None
     onnx_program = torch.onnx.export(
         program, (probe,), dynamo=True, dynamic_shapes=_dynamic_batch(probe), verbose=False

@@ -10,6 +10,7 @@ skeleton, and loads the weights into it strictly. Nothing named in the file is i
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from resode_lightning.core.blocks import qualified_name
-from resode_lightning.core.files import CheckpointError, atomic_save, safe_torch_load
+from resode_lightning.core.files import CheckpointError, atomic_write, safe_torch_load
 from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.stages import MARKER, Stage, find_stages
 from resode_lightning.export.build import build_export, exported_config
@@ -40,22 +41,30 @@ LEGACY_FORMAT = "resode-neural-ode/2"
 they load as they were written."""
 
 
-def save_neural_ode(module: nn.Module, path: str | os.PathLike) -> Path:
-    """Write an exported model to ``path`` atomically (whole or not at all).
+def save_neural_ode(
+    module: nn.Module, path: str | os.PathLike, *, model: nn.Module | None = None
+) -> Path:
+    """Write an exported model to ``path`` atomically, once it is known to load back.
 
-    Exports of any architecture can be saved; those of architectures other than torchvision
-    ResNets and ``ode_resnet`` load with a skeleton (see :func:`load_neural_ode`).
+    The file's content is read back in memory by the loader's own code (the export it
+    declares is built again and the weights loaded into it, strictly) before anything is
+    written, so a file that :func:`load_neural_ode` would refuse is never written. Exports of any
+    architecture can be saved; those of architectures other than torchvision ResNets and
+    ``ode_resnet`` load with a skeleton (see :func:`load_neural_ode`), which ``model`` gives
+    for the check (without one, their layout is not checked here).
 
     Args:
         module: a model returned by :func:`export_neural_ode` (possibly fine-tuned since).
         path: the output file; its directory must exist.
+        model: a skeleton of the source (its weights do not matter; it is not modified).
 
     Returns:
         The path written.
 
     Raises:
         ValueError: ``module`` was not made by ``export_neural_ode``; a weight holds NaN or
-            infinite values (nothing is written, an existing file is kept).
+            infinite values; the content would not load back. Nothing is written then, and an
+            existing file is kept.
     """
     config = exported_config(module)
     config["export"]["compile"] = False  # how to run is the loader's choice, not the file's
@@ -67,7 +76,19 @@ def save_neural_ode(module: nn.Module, path: str | os.PathLike) -> Path:
             f"not saving {os.fspath(path)!r}: {_head(broken)} hold NaN or infinite values (the "
             f"weights diverged?); an existing file was kept"
         )
-    return atomic_save({"config": text, "state_dict": state}, path)
+    content = {"config": text, "state_dict": state}
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    if model is not None or config["source"]["kind"] in BUILT_KINDS:
+        written = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # our own bytes
+        try:
+            _from_content(Path(path), written, model)
+        except CheckpointError as error:
+            raise ValueError(
+                f"not saving {os.fspath(path)!r}: it would not load back ({error}); an existing "
+                f"file was kept"
+            ) from None
+    return atomic_write(path, lambda file: file.write(buffer.getvalue()))
 
 
 def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
@@ -112,7 +133,11 @@ def load_neural_ode(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"neural ODE file {str(path)!r} does not exist or is not a file")
-    content = safe_torch_load(path)
+    return _from_content(path, safe_torch_load(path), model).to(map_location).eval()
+
+
+def _from_content(path: Path, content: object, model: nn.Module | None) -> nn.Module:
+    """The export a file's content declares, its weights loaded (see :func:`load_neural_ode`)."""
     if not (
         isinstance(content, dict)
         and isinstance(content.get("config"), str)
@@ -144,7 +169,7 @@ def load_neural_ode(
         what = "its own configuration" if model is None else "the export of the given model"
         raise CheckpointError(f"{path} does not match {what}: {error}") from None
     _check_loaded(path, exported)
-    return exported.to(map_location).eval()
+    return exported
 
 
 def _read_config(
