@@ -78,13 +78,28 @@ def test_single_block_is_not_a_stage(tanh_block_registered):
     assert [s.indices for s in find_stages(model)] == [[2, 3]]
 
 
-def test_model_without_stages_names_what_it_saw_and_how_to_register():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), TanhBlock(), TanhBlock())
+class _NoSkip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x))  # no skip: not residual
+
+
+class BasicBlock(_NoSkip):
+    """A class named like torchvision's, in another module."""
+
+
+def test_model_without_stages_names_what_it_saw_why_and_how_to_register():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), BasicBlock(), BasicBlock())
     with pytest.raises(ValueError) as error:
         find_stages(model)
     message = str(error.value)
-    assert "TanhBlock" in message and "Conv2d" in message
-    assert "register_block" in message
+    assert "Conv2d" in message and "register_block" in message
+    # the two BasicBlock classes are told apart, and why this one is no block is said
+    assert "torchvision.models.resnet.BasicBlock" in message
+    assert f"{__name__}.BasicBlock: its graph shows no post(x + branch(x))" in message
 
 
 def test_register_block_validates_its_arguments():

@@ -208,7 +208,7 @@ class SmoothnessMonitor(Callback):
     @override
     def on_fit_end(self, trainer, pl_module) -> None:
         self._flush(trainer)
-        if self._last_step == -1:
+        if self._last_step == -1 and trainer.global_step > 0 and not trainer.fast_dev_run:
             rank_zero_warn(
                 f"SmoothnessMonitor: nothing was measured in {trainer.global_step} steps: "
                 f"measurements are taken every {self._interval or 'no'} steps"

@@ -1,9 +1,11 @@
-"""What several subcommands share: a torchvision ResNet from a checkpoint, an output check."""
+"""What several subcommands share: a torchvision ResNet from a checkpoint, an output check,
+argument types."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 from collections.abc import Mapping
 
 import torch
@@ -29,6 +31,20 @@ def add_max_classes(parser: argparse.ArgumentParser) -> None:
         default=MAX_CLASSES,
         help=f"refuse heads with more classes than this (default {MAX_CLASSES:,})",
     )
+
+
+def json_object(text: str) -> dict[str, object]:
+    """An argparse ``type``: a JSON object (keyword arguments), else a message saying so."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a JSON {type(value).__name__}, not an object of keyword arguments "
+            f"such as '{{\"depths\": [4]}}'"
+        )
+    return value
 
 
 def load_torchvision(path: str, arch: str | None, *, max_classes: int) -> tuple[nn.Module, str]:

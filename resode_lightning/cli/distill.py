@@ -1,23 +1,52 @@
-"""Distil a trained ResNet into a neural ODE that runs at any step count (resumable)."""
+"""Distil a trained ResNet into a neural ODE that runs at any step count (resumable).
+
+The settings, the device, the architecture and the output paths are checked before anything is
+trained; a bad value, file or path ends the command with one line naming it, and status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from resode_lightning.core.files import load_into, load_state_dict_file, strip_prefix
+from resode_lightning.cli._common import json_object
+from resode_lightning.cli.bench import check_device, device_name
+from resode_lightning.core.files import (
+    CheckpointError,
+    load_into,
+    load_state_dict_file,
+    strip_prefix,
+    writable_target,
+)
 from resode_lightning.data.base import ImageDataModule
 from resode_lightning.export.anytime import accuracy_vs_steps
-from resode_lightning.export.distill import distill_depth
+from resode_lightning.export.distill import MAX_LR, check_settings, distill_depth
 from resode_lightning.export.serialization import save_neural_ode
 from resode_lightning.lit.classifier import BACKBONES, build_backbone
 
 HELP = "fine-tune a trained ResNet into a neural ODE that runs at any number of steps"
+RESERVED = {
+    "timm": ("num_classes", "in_chans", "pretrained"),
+    "ode_resnet": ("num_classes", "in_channels"),
+}
+"""Builder arguments set from ``--data`` (per builder; torchvision ResNets: ``num_classes``)."""
+BUILD_ERRORS = (
+    TypeError,
+    ValueError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    ArithmeticError,
+    RuntimeError,
+)
+"""What a builder (ours, torchvision's, timm's, torch's layers) raises for keyword arguments it
+cannot use."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--arch-kwargs",
-        type=json.loads,
+        type=json_object,
         default={},
         help='JSON keyword arguments of the builder, e.g. \'{"depths": [16], "widths": [16]}\'',
     )
@@ -63,7 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--knots", type=int, help="fit each stage's path at this many knots first")
     parser.add_argument(
-        "--lr", type=float, default=1e-4, help="AdamW peak learning rate (ODE-ResNets: 1e-3)"
+        "--lr",
+        type=float,
+        default=1e-4,
+        help=f"AdamW peak learning rate, in (0, {MAX_LR:g}] (default 1e-4; ODE-ResNets: 1e-3)",
     )
     parser.add_argument(
         "--warmup", type=float, default=0.0, help="share of the steps with a linear lr warm-up"
@@ -71,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--label-weight", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--device", type=device_name, default="cpu", help="cpu or cuda[:N] (default cpu)"
+    )
     parser.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar"
     )
@@ -79,10 +113,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    checkpoint = args.checkpoint or f"{args.out}.distill"
+    _check_arguments(args, checkpoint)
     data = _data(args)
     data.setup("fit")
     source = _source(args, data).to(args.device)
-    checkpoint = args.checkpoint or f"{args.out}.distill"
     if Path(checkpoint).is_file():
         print(f"resuming from {checkpoint}")
     model = distill_depth(
@@ -118,6 +153,50 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_arguments(args: argparse.Namespace, checkpoint: str) -> None:
+    """Refuse, before any work, settings out of range, a device this machine lacks, an unknown
+    architecture and output paths that cannot be written.
+
+    Raises:
+        ValueError, OSError: naming the argument and what to do.
+    """
+    check_settings(
+        steps=args.steps,
+        step_weights=args.step_weights,
+        epochs=args.epochs,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=0.0,
+        temperature=args.temperature,
+        label_weight=args.label_weight,
+    )
+    check_device(args.device)
+    _check_arch(args.arch)
+    out, progress = writable_target(args.out), writable_target(checkpoint)
+    if os.path.realpath(out) == os.path.realpath(progress):
+        raise ValueError(
+            f"--checkpoint {checkpoint} is the --out file; give the progress file another path"
+        )
+
+
+def _check_arch(arch: str) -> None:
+    """Raise ``ValueError`` unless ``arch`` names a backbone or a model of the installed timm."""
+    if arch.startswith("timm:"):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"--arch {arch} needs timm: pip install timm") from None
+        if not timm.is_model(arch.removeprefix("timm:")):
+            raise ValueError(
+                f"--arch {arch}: timm {timm.__version__} has no such model; see "
+                f"timm.list_models() for the names"
+            )
+    elif arch not in BACKBONES:
+        raise ValueError(
+            f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)} or timm:<name>"
+        )
+
+
 def _step(text: str) -> int | float:
     value = json.loads(text)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -141,7 +220,32 @@ def _data(args: argparse.Namespace) -> ImageDataModule:
 
 
 def _source(args: argparse.Namespace, data: ImageDataModule) -> nn.Module:
-    """The trained network named by ``--arch``, loaded from ``--weights``, in eval mode."""
+    """The trained network named by ``--arch``, loaded from ``--weights``, in eval mode.
+
+    Raises:
+        ValueError: ``--arch-kwargs`` sets what ``--data`` decides (the number of classes,
+            the input channels), or the builder refuses them; the message names them.
+        CheckpointError, OSError: ``--weights`` is missing, unreadable or does not fit.
+    """
+    builder = "timm" if args.arch.startswith("timm:") else args.arch
+    reserved = sorted(set(args.arch_kwargs) & set(RESERVED.get(builder, ("num_classes",))))
+    if reserved:
+        raise ValueError(
+            f"--arch-kwargs sets {', '.join(reserved)}, which --data decides; remove it"
+        )
+    try:
+        return _build(args, data).eval()
+    except CheckpointError:
+        raise
+    except BUILD_ERRORS as error:
+        raise ValueError(
+            f"--arch {args.arch} cannot be built with --arch-kwargs "
+            f"{json.dumps(args.arch_kwargs)}: {error}"
+        ) from None
+
+
+def _build(args: argparse.Namespace, data: ImageDataModule) -> nn.Module:
+    """``--arch`` built with ``--arch-kwargs`` for ``data``, loaded from ``--weights``."""
     if args.arch.startswith("timm:"):
         import timm
 
@@ -153,14 +257,8 @@ def _source(args: argparse.Namespace, data: ImageDataModule) -> nn.Module:
             **args.arch_kwargs,
         )
         state = load_state_dict_file(args.weights)
-        return load_into(model, strip_prefix(state, model)).eval()
-    if args.arch not in BACKBONES:
-        raise ValueError(
-            f"unknown architecture {args.arch!r}; choose one of {', '.join(BACKBONES)} or "
-            f"timm:<name>"
-        )
+        return load_into(model, strip_prefix(state, model))
     with torch.random.fork_rng():
-        model = build_backbone(
+        return build_backbone(
             args.arch, args.arch_kwargs, data.num_classes, data.channels, args.weights
         )
-    return model.eval()

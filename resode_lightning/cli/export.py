@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             f"weights, or try another --method or --steps"
         )
     if args.format == "pt":
-        save_neural_ode(exported, args.out)
+        save_neural_ode(exported, args.out, model=model)
         what = f"{sum(p.numel() for p in exported.parameters()):,} parameters"
     else:
         probe = torch.randn(2, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))

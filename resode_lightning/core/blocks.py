@@ -141,11 +141,21 @@ def register_block(
 
 
 def adapter_for(block: nn.Module) -> BlockAdapter | None:
-    """The adapter registered for ``block``'s type (or its nearest registered base class)."""
+    """The adapter registered for ``block``'s type (or its nearest registered base class), else
+    one read from the block's code and verified (:mod:`resode_lightning.core.adapters.inferred`)."""
     for cls in type(block).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+    for infer in INFERENCE:
+        adapter = infer(block)
+        if adapter is not None:
+            return adapter
     return None
+
+
+INFERENCE: list[Callable[[nn.Module], BlockAdapter | None]] = []
+"""Where :func:`adapter_for` looks after the registered types, in order (the inferred adapters
+add themselves when :mod:`resode_lightning.core.adapters` is imported)."""
 
 
 def registered_blocks() -> dict[type[nn.Module], BlockAdapter]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -455,3 +455,55 @@ def resample_depth(
         if count is not None and count != stage.depth:
             _replace_blocks(stage, blocks_at_depth(stage, count, interpolation=interpolation))
     return model
+
+
+def unconvert_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    *,
+    prefix: str = "",
+    markers: Collection[str] | None = None,
+) -> dict[str, float]:
+    """Put the ODE-form entries of ``state_dict`` in the plain form, in place.
+
+    The inverse of :func:`convert_state_dict`: for each stage of ``model`` (in either form)
+    whose marker is in ``state_dict`` and whose rescaled tensors all are, those entries are
+    replaced by their values times ``horizon / L`` (``horizon`` read from the marker; new
+    tensors, the old ones are not modified) and the marker is removed, so that a strict
+    ``load_state_dict`` into the plain model loads the stored function.
+
+    Args:
+        model: a model of the state dict's architecture (its own form does not matter).
+        state_dict: a state dict of ``model``, keys starting with ``prefix``.
+        prefix: prefix of ``model``'s keys in ``state_dict``.
+        markers: only the stages whose marker keys (relative to ``model``, e.g.
+            ``layer1.ode_horizon``) are in this collection; all stages when ``None``.
+
+    Returns:
+        ``{name: L / horizon}`` of the entries replaced (each was divided by its factor), names
+        relative to ``model``.
+
+    Raises:
+        ValueError: a marker is not a scalar holding a finite positive horizon.
+    """
+    prefixes = _module_prefixes(model)
+    converted: dict[str, float] = {}
+    for stage in find_stages(model):
+        container = prefixes[id(stage.container)]
+        name = f"{container}{stage.marker}"
+        marker = f"{prefix}{name}"
+        if marker not in state_dict or (markers is not None and name not in markers):
+            continue
+        value = state_dict[marker]
+        horizon = float(value) if isinstance(value, Tensor) and value.numel() == 1 else None
+        if horizon is None or not 0 < horizon < float("inf"):
+            raise ValueError(f"marker {marker!r} must hold a finite positive horizon: {value!r}")
+        keys = list(_rescaled_keys(stage, container))
+        if any(f"{prefix}{key}" not in state_dict for key in keys):
+            continue
+        step = horizon / stage.depth
+        for key in keys:
+            state_dict[f"{prefix}{key}"] = state_dict[f"{prefix}{key}"] * step
+            converted[key] = 1.0 / step
+        del state_dict[marker]
+    return converted

@@ -9,17 +9,20 @@ timm's ``RegStage``, modules with named children), never inside a registered blo
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 from resode_lightning.core.adapters import register_timm_if_imported
+from resode_lightning.core.adapters.inferred import REASONS, ChildrenAsLeaves, block_graph
 from resode_lightning.core.blocks import (
     _ADAPTERS,
     BlockAdapter,
     Post,
     adapter_for,
+    qualified_name,
     verify_block,
 )
 from resode_lightning.core.step import state_dict_name
@@ -99,7 +102,9 @@ def find_stages(model: nn.Module) -> list[Stage]:
     stages: list[Stage] = []
     for path, module in _containers(model, ""):
         children = list(module.children())
-        runs = _identity_runs(children)
+        runs = [
+            run for run in _identity_runs(children) if _chained(model, path, children[slice(*run)])
+        ]
         for start, stop in runs:
             name = path or type(model).__name__
             marker = MARKER
@@ -120,6 +125,57 @@ def _containers(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]
     for name, child in module.named_children():
         if adapter_for(child) is None:
             yield from _containers(child, f"{path}.{name}" if path else name)
+
+
+def _chained(model: nn.Module, path: str, blocks: list[nn.Module]) -> bool:
+    """Whether the code around ``blocks`` applies them one after the other, each to the last
+    one's output and to nothing else (as ``nn.Sequential`` does): read from the graph of the
+    nearest module with a ``forward`` of its own, the blocks kept whole. A tree that feeds both
+    children's outputs to a root (DLA) is no stage."""
+    names = path.split(".") if path else []
+    for depth in range(len(names), -1, -1):
+        owner = model.get_submodule(".".join(names[:depth]))
+        forward = type(owner).forward
+        if forward is nn.Sequential.forward:
+            return depth == len(names)
+        if forward is not nn.Module.forward:
+            return chained_in_graph(owner, blocks)
+    return False
+
+
+def chained_in_graph(owner: nn.Module, blocks: list[nn.Module]) -> bool:
+    """Whether ``owner``'s traced graph calls ``blocks`` once each, in order, as a chain
+    (cached per owner and run; ``False`` when ``owner`` cannot be traced)."""
+    key = tuple(id(block) for block in blocks)
+    cache = _CHAINS.setdefault(owner, {})
+    if key not in cache:
+        cache[key] = _trace_chain(owner, blocks)
+    return cache[key]
+
+
+_CHAINS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], bool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _trace_chain(owner: nn.Module, blocks: list[nn.Module]) -> bool:
+    try:
+        graph = ChildrenAsLeaves().trace(owner)
+    except Exception:  # code torch.fx cannot follow: the chain cannot be shown
+        return False
+    paths = {id(module): name for name, module in owner.named_modules(remove_duplicate=False)}
+    calls = []
+    for block in blocks:
+        found = [
+            n for n in graph.nodes if n.op == "call_module" and n.target == paths.get(id(block))
+        ]
+        if len(found) != 1:
+            return False
+        calls.append(found[0])
+    return all(
+        list(after.all_input_nodes) == [before] and list(before.users) == [after]
+        for before, after in zip(calls, calls[1:])
+    )
 
 
 def _run_key(block: nn.Module) -> tuple | None:
@@ -146,15 +202,53 @@ def _identity_runs(children: list[nn.Module]) -> list[tuple[int, int]]:
 
 
 def _no_stage_message(model: nn.Module) -> str:
-    seen = sorted({type(m).__name__ for m in model.modules() if type(m) is not type(model)})
-    known = sorted({t.__name__ for t in _ADAPTERS})
+    types = {type(m) for m in model.modules() if type(m) is not type(model)}
+    shown = _display_names(types | set(_ADAPTERS))
+    reasons = [
+        f"{shown[type(m)]}: {why}"
+        for m in _first_of_each_type(model)
+        if (why := _why_not_a_block(m)) is not None
+    ]
     return (
         f"No residual stage found in {type(model).__name__}: a stage is a run of at least two "
-        f"consecutive identity-skip residual blocks of one registered type in a container. "
-        f"Known block types: {', '.join(known)}. Module types seen: {', '.join(seen) or 'none'}. "
-        f"If your blocks are residual, register their type with "
-        f"resode_lightning.register_block(MyBlock, branch=lambda block, x: ..., last_layer='bn2')."
+        f"blocks with an identity skip, of one type, that the model applies one after the "
+        f"other. Registered block types: {', '.join(sorted(shown[t] for t in _ADAPTERS))}. "
+        f"Other blocks are read from their torch.fx graph"
+        + (f" ({'; '.join(reasons[:4])})" if reasons else "")
+        + f". Module types seen: {', '.join(sorted(shown[t] for t in types)) or 'none'}. If your "
+        f"blocks are residual, register their type with resode_lightning.register_block(MyBlock, "
+        f"branch=lambda block, x: <what the block adds to x>, last_layer=<name of the branch's "
+        f"last affine layer or None>, post=<activation after the sum or None>, "
+        f"conv_bn_pairs=<(conv, norm) names>) and check it with example=MyBlock(...)."
     )
+
+
+def _display_names(types: set[type]) -> dict[type, str]:
+    """Class names, qualified by module where two classes share a name."""
+    counts: dict[str, int] = {}
+    for cls in types:
+        counts[cls.__name__] = counts.get(cls.__name__, 0) + 1
+    return {cls: qualified_name(cls) if counts[cls.__name__] > 1 else cls.__name__ for cls in types}
+
+
+def _first_of_each_type(model: nn.Module) -> list[nn.Module]:
+    first: dict[type, nn.Module] = {}
+    for module in model.modules():
+        if module is not model and not type(module).__module__.startswith("torch."):
+            first.setdefault(type(module), module)
+    return list(first.values())
+
+
+def _why_not_a_block(module: nn.Module) -> str | None:
+    if adapter_for(module) is not None:
+        return None
+    reason = REASONS.get(module)
+    if reason is None and block_graph(module) is None:
+        reason = (
+            "its graph shows no post(x + branch(x)) with its own input as the skip (or torch.fx "
+            "could not trace its forward)"
+        )
+    return reason
 
 
 def run_stage(stage: Stage, x: Tensor, blocks: list[nn.Module] | None = None) -> Tensor:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from resode_lightning.core.adapters.inferred import forget_graph
 from resode_lightning.core.blocks import fold_batchnorm, set_block_step
 from resode_lightning.core.budget import Steps, steps_per_stage
 from resode_lightning.core.odeform import convert_stage
@@ -79,6 +80,7 @@ def build_export(
     if options.gradient == "adjoint":
         _warn_inexact_adjoint(stages, method, options.interpolation)
     for stage in reversed(stages):
+        promote_block_scalars(stage)
         if not stage.is_ode_form:
             convert_stage(stage, 1.0)
         stochastic = [
@@ -207,15 +209,62 @@ def stochastic_layers(block: nn.Module) -> list[str]:
     """
     found = []
     for name, module in block.named_modules():
-        kind = type(module).__name__
-        rate = getattr(module, {"DropPath": "drop_prob", "StochasticDepth": "p"}.get(kind, "p"), 0)
-        random = isinstance(module, nn.modules.dropout._DropoutNd) or kind in (
-            "DropPath",
-            "StochasticDepth",
-        )
-        if random and isinstance(rate, (int, float)) and rate > 0:
-            found.append(f"{name} ({kind}, rate {rate:g})")
+        rate = _random_rate(module)
+        if rate:
+            found.append(f"{name} ({type(module).__name__}, rate {rate:g})")
     return found
+
+
+def _random_rate(module: nn.Module) -> float:
+    """The rate of a dropout or drop-path layer (timm's ``DropPath``, torchvision's
+    ``StochasticDepth``), 0 for any other module."""
+    kind = type(module).__name__
+    if not (isinstance(module, nn.modules.dropout._DropoutNd) or kind in _RANDOM_RATES):
+        return 0.0
+    rate = getattr(module, _RANDOM_RATES.get(kind, "p"), 0.0)
+    return float(rate) if isinstance(rate, (int, float)) else 0.0
+
+
+_RANDOM_RATES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
+
+
+def promote_block_scalars(stage: Stage) -> list[str]:
+    """Make the number attributes that differ between a stage's blocks buffers, in place.
+
+    A block's code may read Python numbers of its own (NF-ResNet's ``beta``); the field runs
+    one template block's code, so numbers that vary along the stage must be tensors for them
+    to follow the weight path (interpolated like the weights). Returns their names.
+
+    Raises:
+        ValueError: an integer attribute differs between blocks (it cannot be interpolated).
+    """
+    values: dict[tuple[str, str], list[object]] = {}
+    for block in stage.blocks:
+        for path, module in block.named_modules():
+            if type(module).__module__.startswith("torch.") or _random_rate(module):
+                continue  # torch's layers take Python numbers; random layers are refused apart
+            for attribute, value in vars(module).items():
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if number and not attribute.startswith("_"):
+                    values.setdefault((path, attribute), []).append(value)
+    varying = {key: found for key, found in values.items() if len(set(found)) > 1}
+    names = {key: f"{key[0]}.{key[1]}".lstrip(".") for key in varying}
+    integers = [names[key] for key, found in varying.items() if int in map(type, found)]
+    if integers:
+        raise ValueError(
+            f"stage {stage.name!r}: the blocks differ in integer attributes {integers[:3]}, "
+            f"which a weight path cannot interpolate; export a model whose stage blocks differ "
+            f"only in tensors"
+        )
+    reference = next(stage.blocks[0].parameters(), None)
+    dtype = reference.dtype if reference is not None else torch.get_default_dtype()
+    for (path, attribute), found in varying.items():
+        for block, value in zip(stage.blocks, found):
+            module = block.get_submodule(path)
+            del module.__dict__[attribute]
+            module.register_buffer(attribute, torch.tensor(float(value), dtype=dtype))
+            forget_graph(block)
+    return list(names.values())
 
 
 def _replace(stage: Stage, module: nn.Module) -> None:

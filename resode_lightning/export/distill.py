@@ -35,6 +35,7 @@ from resode_lightning.core.files import (
 from resode_lightning.export.anytime import resolve_steps, set_steps
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.options import ExportOptions
+from resode_lightning.export.solve import NeuralODEStage
 
 CHECKPOINT_FORMAT = "resode-depth-distillation/1"
 MAX_LR = 1.0
@@ -123,7 +124,7 @@ def distill_depth(
         )
     device = torch.device(device) if device is not None else _device(source)
     teacher = source.to(device).eval()
-    poisoned = first_non_finite(teacher.state_dict().items())
+    poisoned = _first_non_finite(teacher.state_dict().items())
     if poisoned is not None:
         raise ValueError(
             f"the source's {poisoned!r} holds NaN or inf values, so every output distilled from "
@@ -184,7 +185,7 @@ def distill_depth(
             if hasattr(batches, "set_postfix"):
                 batches.set_postfix(loss=f"{float(total):.3f}", refresh=False)
         set_steps(student, 1.0)
-        poisoned = first_non_finite(_trained_tensors(student, optimizer))
+        poisoned = _first_non_finite(_trained_tensors(student, optimizer))
         if poisoned is not None:
             raise _diverged(
                 f"the end of epoch {epoch + 1}/{epochs}", f"{poisoned} holds NaN or inf", kept
@@ -271,6 +272,7 @@ def _resume(
             f"the file is damaged, remove it to start over"
         )
     model = _model_state(path, state["model"], student.state_dict())
+    _check_grids(path, model, student)
     moments = _optimizer_state(path, state["optimizer"], optimizer)
     student.load_state_dict(model)
     optimizer.load_state_dict(moments)
@@ -336,6 +338,25 @@ def _model_state(path: Path, found: object, expected: dict[str, Tensor]) -> dict
         key: _checked_tensor(path, f"model[{key!r}]", found[key], like)
         for key, like in expected.items()
     }
+
+
+def _check_grids(path: Path, model: dict[str, Tensor], student: nn.Module) -> None:
+    """Refuse horizons or knot times of ``model`` that no export has (as
+    :func:`~resode_lightning.load_neural_ode` does): a positive horizon per stage, knot times
+    increasing in ``[0, horizon]``."""
+    for name, stage in student.named_modules():
+        if not isinstance(stage, NeuralODEStage):
+            continue
+        prefix = f"{name}." if name else ""
+        horizon = float(model[f"{prefix}horizon"])
+        times = model[f"{prefix}field.path.times"].reshape(-1)
+        ordered = times.numel() > 0 and bool((times[1:] > times[:-1]).all())
+        if not (horizon > 0 and ordered and times[0] >= 0 and times[-1] <= horizon):
+            raise CheckpointError(
+                f"{path}: stage {name!r} has horizon {horizon:g} and knot times "
+                f"{_short(times.tolist())}; an export has a positive horizon and increasing "
+                f"times in [0, horizon]"
+            )
 
 
 def _optimizer_state(path: Path, found: object, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -409,7 +430,7 @@ def _step_count(path: Path, name: str, value: object) -> float:
     return count
 
 
-def first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
+def _first_non_finite(named: Iterable[tuple[str, Tensor]]) -> str | None:
     """The name of the first floating-point tensor of ``named`` that holds NaN or inf."""
     for name, tensor in named:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from resode_lightning.core.adapters import inferred as _inferred  # noqa: F401  (infers)
 from resode_lightning.core.adapters import torchvision as _torchvision  # noqa: F401  (registers)
 
 _timm_registered = False
