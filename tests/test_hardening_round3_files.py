@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,15 @@ def test_bench_help_states_the_ranges(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for phrase in ("each 1 to 4096", "1 to 1024", "1 to 256", "1 to 100", "1 to the number of"):
         assert phrase in text
+
+
+def test_containers_shared_many_times_are_walked_once(tmp_path):
+    """12 levels of a list shared 10 times: 10**12 paths, one walk per container."""
+    nested = [torch.zeros(1)]
+    for _ in range(12):
+        nested = [nested] * 10
+    path = tmp_path / "shared.pt"
+    torch.save({"a": nested}, path)
+    started = time.perf_counter()
+    safe_torch_load(path)
+    assert time.perf_counter() - started < 10

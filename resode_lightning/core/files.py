@@ -146,13 +146,21 @@ def _out_of_memory(path: Path) -> CheckpointError:
 
 
 def _named_tensors(content: object) -> list[tuple[str, Tensor]]:
-    """Every tensor in the containers of ``content``, named by its path of keys (``a/b/0``)."""
-    found, pending = [], [("", content)]
+    """Every tensor in the containers of ``content``, named by its path of keys (``a/b/0``).
+
+    Each container is walked once, however often the pickle refers to it (a few shared lists
+    nested a few levels deep would otherwise make the walk exponential in the file's size).
+    """
+    found, pending, seen = [], [("", content)], set()
     while pending:  # iterative: a pickle may nest containers deeper than Python's stack
         name, value = pending.pop()
         if isinstance(value, Tensor):
             found.append((name, value))
-        elif isinstance(value, Mapping):
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, Mapping):
             pending.extend((f"{name}/{key}" if name else str(key), v) for key, v in value.items())
         elif isinstance(value, (list, tuple)):
             pending.extend((f"{name}/{index}", v) for index, v in enumerate(value))

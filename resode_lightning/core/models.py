@@ -122,6 +122,49 @@ class ODEResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+LIMITS = {"num_classes": 100_000, "width": 4096, "depth": 1024, "blocks": 4096, "in_channels": 64}
+"""The largest architecture a file or a checkpoint may declare: an ``ode_resnet``'s depth per
+stage, width, blocks in all, input channels, and any model's classes (checked before anything is
+built)."""
+
+
+def check_ode_resnet_arguments(arguments: dict, *, field: str = "") -> None:
+    """Raise ``ValueError`` naming the argument (after ``field``) unless :func:`ode_resnet`
+    with ``arguments`` (``depths``, ``widths``, ``num_classes``, ``in_channels``, ``stem``,
+    ``activation``, ``norm``) is within :data:`LIMITS`."""
+    depths, widths = arguments.get("depths"), arguments.get("widths")
+    for name, values, limit in (
+        ("depths", depths, LIMITS["depth"]),
+        ("widths", widths, LIMITS["width"]),
+    ):
+        if not (isinstance(values, list) and values and all(_count(v, limit) for v in values)):
+            raise ValueError(f"{field}{name} must be a non-empty list of ints in [1, {limit}]")
+    if len(depths) != len(widths) or sum(depths) > LIMITS["blocks"]:
+        raise ValueError(
+            f"{field}depths and widths must have one entry per stage and at most "
+            f"{LIMITS['blocks']} blocks in all"
+        )
+    for name in ("num_classes", "in_channels"):
+        if not _count(arguments.get(name), LIMITS[name]):
+            raise ValueError(
+                f"{field}{name} must be an int in [1, {LIMITS[name]:,}], got "
+                f"{arguments.get(name)!r}"
+            )
+    choices = {
+        "stem": ("cifar", "imagenet"),
+        "activation": tuple(ACTIVATIONS),
+        "norm": (True, False),
+    }
+    for name, allowed in choices.items():
+        value = arguments.get(name)
+        if value not in allowed or isinstance(value, int) != (name == "norm"):
+            raise ValueError(f"{field}{name} must be one of {allowed}, got {value!r}")
+
+
+def _count(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit
+
+
 def ode_resnet(
     *,
     depths: tuple[int, ...] | list[int] = (8, 8, 8),

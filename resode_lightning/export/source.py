@@ -21,9 +21,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from resode_lightning.core.blocks import qualified_name
 from resode_lightning.core.models import (
-    ACTIVATIONS,
+    LIMITS,
     ODEResNet,
     PreActBlock,
+    check_ode_resnet_arguments,
     ode_resnet,
     torchvision_resnet,
 )
@@ -32,8 +33,6 @@ from resode_lightning.core.step import named_modules_by_key
 
 BUILT_KINDS = ("torchvision", "ode_resnet")
 """Kinds of source the package builds itself; others need a skeleton to load."""
-LIMITS = {"num_classes": 100_000, "width": 4096, "depth": 1024, "blocks": 4096, "in_channels": 64}
-"""The largest architecture a saved spec may declare (checked before anything is built)."""
 
 # (block type, blocks per layer, groups, width per group) of each torchvision ResNet
 _TORCHVISION: dict[tuple[str, tuple[int, ...], int, int], str] = {
@@ -188,32 +187,7 @@ def check_source_spec(spec: object) -> None:
             raise ValueError(f"source.arch {spec.get('arch')!r} is not a torchvision ResNet")
         _check_count(spec, "num_classes", LIMITS["num_classes"])
     elif kind == "ode_resnet":
-        _check_ode_resnet(spec)
-
-
-def _check_ode_resnet(spec: dict[str, Any]) -> None:
-    depths, widths = spec.get("depths"), spec.get("widths")
-    for name, values, limit in (
-        ("depths", depths, LIMITS["depth"]),
-        ("widths", widths, LIMITS["width"]),
-    ):
-        if not (isinstance(values, list) and values and all(_count(v, limit) for v in values)):
-            raise ValueError(f"source.{name} must be a non-empty list of ints in [1, {limit}]")
-    if len(depths) != len(widths) or sum(depths) > LIMITS["blocks"]:
-        raise ValueError(
-            f"source.depths and widths must have one entry per stage and at most "
-            f"{LIMITS['blocks']} blocks in all"
-        )
-    _check_count(spec, "num_classes", LIMITS["num_classes"])
-    _check_count(spec, "in_channels", LIMITS["in_channels"])
-    choices = {
-        "stem": ("cifar", "imagenet"),
-        "activation": tuple(ACTIVATIONS),
-        "norm": (True, False),
-    }
-    for name, allowed in choices.items():
-        if spec.get(name) not in allowed or isinstance(spec.get(name), int) != (name == "norm"):
-            raise ValueError(f"source.{name} must be one of {allowed}, got {spec.get(name)!r}")
+        check_ode_resnet_arguments(spec, field="source.")
 
 
 def _check_count(spec: dict[str, Any], name: str, limit: int) -> None:

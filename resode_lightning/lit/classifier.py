@@ -10,6 +10,8 @@ top-5) accuracy, and exposes every choice as a typed ``__init__`` argument for L
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -21,7 +23,13 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from resode_lightning.core.files import load_into, load_state_dict_file, strip_prefix
-from resode_lightning.core.models import TORCHVISION_RESNETS, ode_resnet, torchvision_resnet
+from resode_lightning.core.models import (
+    LIMITS,
+    TORCHVISION_RESNETS,
+    check_ode_resnet_arguments,
+    ode_resnet,
+    torchvision_resnet,
+)
 
 BACKBONES: tuple[str, ...] = ("ode_resnet", *TORCHVISION_RESNETS)
 
@@ -197,10 +205,11 @@ def build_backbone(
     """A named backbone with ``num_classes`` outputs, optionally loaded from a local checkpoint.
 
     Raises:
-        ValueError: ``name`` is not ``"ode_resnet"`` or a torchvision ResNet name.
+        ValueError: ``name`` is not ``"ode_resnet"`` or a torchvision ResNet name, or its sizes
+            are beyond :data:`~resode_lightning.core.models.LIMITS` (checked before anything is
+            built; see :func:`check_backbone_size`).
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(BACKBONES)}")
+    check_backbone_size(name, kwargs, num_classes, in_channels)
     state = None if weights is None else load_state_dict_file(weights)
     head_classes = num_classes if state is None else _head_classes(state, num_classes)
     if name == "ode_resnet":
@@ -217,6 +226,65 @@ def build_backbone(
         if head_classes != num_classes:
             model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
+
+
+def check_backbone_size(
+    name: str, kwargs: Mapping[str, Any], num_classes: int, in_channels: int
+) -> None:
+    """Raise ``ValueError`` naming the argument unless the backbone ``name`` with ``kwargs`` is
+    within the package's :data:`~resode_lightning.core.models.LIMITS` (the limits of a saved
+    ``ode_resnet`` spec: depth, width, blocks, classes, input channels).
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKBONES`, or an argument is out of range.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name != "ode_resnet":
+        for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if not _count(value, LIMITS[key]):
+                raise ValueError(f"{key} must be an int in [1, {LIMITS[key]:,}], got {value!r}")
+        return
+    arguments = {**_ode_resnet_arguments(kwargs), "num_classes": num_classes}
+    check_ode_resnet_arguments(arguments | {"in_channels": in_channels}, field="ode_resnet: ")
+
+
+def least_weights(name: str, kwargs: Mapping[str, Any], num_classes: int) -> int:
+    """A lower bound of the number of weights of the backbone ``name`` built with ``kwargs`` and
+    ``num_classes`` outputs, computed without building it (``name`` and ``kwargs`` passed
+    :func:`check_backbone_size`).
+
+    Raises:
+        ValueError: a torchvision ``groups`` or ``width_per_group`` is not a positive int.
+    """
+    if name == "ode_resnet":
+        arguments = _ode_resnet_arguments(kwargs)
+        depths, widths = arguments["depths"], arguments["widths"]
+        convolutions = sum(2 * 9 * depth * width**2 for depth, width in zip(depths, widths))
+        return convolutions + num_classes * widths[-1]
+    groups, per_group = kwargs.get("groups", 1), kwargs.get("width_per_group", 64)
+    for key, value in (("groups", groups), ("width_per_group", per_group)):
+        if not _count(value, 2**31):
+            raise ValueError(f"{name} with {key} {value!r}, not a positive int")
+    width = 512 * per_group // 64 * groups  # of the 3x3 convolutions of the last stage
+    return 9 * width * width // groups + num_classes * 512
+
+
+def _ode_resnet_arguments(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` over :func:`~resode_lightning.ode_resnet`'s defaults, sizes as lists."""
+    defaults = {
+        key: parameter.default
+        for key, parameter in inspect.signature(ode_resnet).parameters.items()
+    }
+    arguments = {**defaults, **kwargs}
+    for key in ("depths", "widths"):
+        if isinstance(arguments[key], tuple):
+            arguments[key] = list(arguments[key])
+    return arguments
+
+
+def _count(value: object, limit: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= limit
 
 
 def _head_classes(state: dict[str, Tensor], default: int) -> int:
