@@ -361,3 +361,11 @@ def test_a_modified_torchvision_resnet_loads_from_its_skeleton_not_misloaded(tmp
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(load_neural_ode(path, model=skeleton)(x), exported(x))
+
+
+def test_the_saved_config_says_whether_batchnorm_was_folded():
+    from resode_lightning.export.build import exported_config
+
+    assert exported_config(export_neural_ode(small_ode_resnet()))["export"]["fold_bn"] is True
+    plain = ode_resnet(depths=(3,), widths=(4,), norm=False)  # nothing to fold
+    assert exported_config(export_neural_ode(plain))["export"]["fold_bn"] is False

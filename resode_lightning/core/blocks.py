@@ -319,18 +319,29 @@ def fold_batchnorm(block: nn.Module, pairs: Pairs) -> None:
     fused conv, which then ends the branch. Pairs whose conv or norm computes more than that
     are left as they are.
     """
-    for conv_name, norm_name in pairs:
+    for conv_name, norm_name in foldable_pairs(block, pairs):
         conv, norm = block.get_submodule(conv_name), block.get_submodule(norm_name)
         step = norm.step if isinstance(norm, ODEStep) else None
         norm = norm.layer if isinstance(norm, ODEStep) else norm
-        remainder = _remainder_after_fold(norm)
-        if not is_plain_conv(conv) or remainder is None:
-            continue
-        if step is not None and not isinstance(remainder, nn.Identity):
-            continue  # the step would move before the norm's activation
         fused = fuse_conv_bn_eval(conv.eval(), norm.eval())
         block.set_submodule(conv_name, fused if step is None else ODEStep(fused, step))
-        block.set_submodule(norm_name, remainder)
+        block.set_submodule(norm_name, _remainder_after_fold(norm))
+
+
+def foldable_pairs(block: nn.Module, pairs: Pairs) -> Pairs:
+    """The pairs of ``pairs`` that :func:`fold_batchnorm` folds in ``block``: a plain conv and
+    an eval-foldable BatchNorm (not one whose activation would have to move before a step)."""
+    kept = []
+    for conv_name, norm_name in pairs:
+        conv, norm = block.get_submodule(conv_name), block.get_submodule(norm_name)
+        wrapped = isinstance(norm, ODEStep)
+        remainder = _remainder_after_fold(norm.layer if wrapped else norm)
+        if not is_plain_conv(conv) or remainder is None:
+            continue
+        if wrapped and not isinstance(remainder, nn.Identity):
+            continue  # the step would move before the norm's activation
+        kept.append((conv_name, norm_name))
+    return tuple(kept)
 
 
 # ----------------------------------------------------------------------------- verification

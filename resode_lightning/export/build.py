@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from resode_lightning.core.adapters.inferred import forget_graph
-from resode_lightning.core.blocks import fold_batchnorm, set_block_step
+from resode_lightning.core.blocks import fold_batchnorm, foldable_pairs, set_block_step
 from resode_lightning.core.budget import Steps, steps_per_stage
 from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.paths import Interpolation, fit_knots, knot_times
@@ -161,9 +161,10 @@ def _field(
         scale = 1.0 / stage.step
     for block in blocks:
         set_block_step(block, adapter, None)
-        if fold_at_knots:
+    pairs = foldable_pairs(blocks[0], adapter.conv_bn_pairs(blocks[0])) if fold_bn else ()
+    if fold_at_knots:
+        for block in blocks:
             fold_batchnorm(block, adapter.conv_bn_pairs(block))
-    pairs = adapter.conv_bn_pairs(blocks[0]) if fold_bn and not fold_at_knots else ()
     trainable, frozen = _trainable(stage)
     states = [block.state_dict() for block in blocks]
     values = {
@@ -178,7 +179,11 @@ def _field(
         times = next(iter(fitted.values()))[1].cpu()
     path = WeightPath(values, times, trainable, interpolation, frozen)
     template = copy.deepcopy(blocks[0])
-    return VectorField(template, adapter.branch, stage.post, path, scale, pairs)
+    field = VectorField(
+        template, adapter.branch, stage.post, path, scale, () if fold_at_knots else pairs
+    )
+    field.folds_batchnorm = bool(pairs)
+    return field
 
 
 def _trainable(stage: Stage) -> tuple[set[str], set[str]]:
@@ -289,7 +294,8 @@ def exported_config(model: nn.Module) -> dict[str, Any]:
     """The export configuration of a model returned by :func:`export_neural_ode`.
 
     The method and steps are read from the stages as they run now (after
-    :func:`~resode_lightning.set_steps`), so the configuration states what the model computes.
+    :func:`~resode_lightning.set_steps`), and ``fold_bn`` is true only where some stage has
+    conv/BatchNorm pairs to fold, so the configuration states what the model does.
 
     Raises:
         ValueError: ``model`` was not made by :func:`export_neural_ode`.
@@ -309,5 +315,6 @@ def exported_config(model: nn.Module) -> dict[str, Any]:
     options = ExportOptions.from_config(config["export"])
     method = methods.pop()
     steps = None if method in ADAPTIVE_METHODS else {s.stage_name: s.steps for s in stages}
-    options = options.replace(method=method, steps=steps)
+    folds = options.fold_bn and any(stage.field.folds_batchnorm for stage in stages)
+    options = options.replace(method=method, steps=steps, fold_bn=folds)
     return {**config, "export": options.to_config()}

@@ -193,6 +193,8 @@ class VectorField(nn.Module):
         self.path = path
         self.scale = scale
         self.fold_pairs = tuple(fold_pairs)
+        self.folds_batchnorm = bool(fold_pairs)
+        """Whether the field's BatchNorm is folded: at binding, or in the knots (format 2)."""
         self.prefix = "block."
 
     def branch_module(self) -> nn.Module:
