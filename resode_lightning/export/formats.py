@@ -67,14 +67,14 @@ def program_artifact(program: nn.Module, format: str, probe: Tensor) -> Artifact
     return Artifact(format, data, error)
 
 
-def _dynamic_batch(probe: Tensor) -> dict[str, dict[int, object]]:
+def _dynamic_shapes() -> dict[str, dict[int, object]]:
     """Batch size, height and width left to the program (``Dim.AUTO``: dynamic where the
     model allows it)."""
     return {"x": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}}
 
 
 def _pt2(program: nn.Module, probe: Tensor) -> tuple[bytes, Tensor]:
-    exported = torch.export.export(program, (probe,), dynamic_shapes=_dynamic_batch(probe))
+    exported = torch.export.export(program, (probe,), dynamic_shapes=_dynamic_shapes())
     buffer = io.BytesIO()
     torch.export.save(exported, buffer)
     loaded = torch.export.load(io.BytesIO(buffer.getvalue()))
@@ -90,7 +90,7 @@ def _onnx(program: nn.Module, probe: Tensor) -> tuple[bytes, Tensor]:
             "'resode-lightning[onnx]'"
         ) from None
     onnx_program = torch.onnx.export(
-        program, (probe,), dynamo=True, dynamic_shapes=_dynamic_batch(probe), verbose=False
+        program, (probe,), dynamo=True, dynamic_shapes=_dynamic_shapes(), verbose=False
     )
     data = onnx_program.model_proto.SerializeToString()
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
