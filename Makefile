@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test docs lint bench clean
 
 # (Re)install when the venv is missing or pyproject.toml is newer than the last install.
 $(STAMP): pyproject.toml
@@ -14,16 +14,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m resode_lightning.demo
+	$(PY) -m resode_lightning.apps.demo
 
-test: $(STAMP)
-	$(PY) -m ruff check resode_lightning tests benchmarks conftest.py
-	$(PY) -m ruff format --check resode_lightning tests benchmarks conftest.py
+test: $(STAMP) docs
+	$(PY) -m ruff check resode_lightning tests benchmarks conftest.py docs/rest_roles.py docs/snippets
+	$(PY) -m ruff format --check resode_lightning tests benchmarks conftest.py docs/rest_roles.py docs/snippets
 	$(PY) -m pytest -n 2 -q  # tests/ and the docstring examples of resode_lightning/
 
+# The docs site (mkdocs.yml) into build/site, offline; strict: a broken reference or link fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 lint: $(STAMP)
-	$(PY) -m ruff check resode_lightning tests benchmarks conftest.py
-	$(PY) -m ruff format --check resode_lightning tests benchmarks conftest.py
+	$(PY) -m ruff check resode_lightning tests benchmarks conftest.py docs/rest_roles.py docs/snippets
+	$(PY) -m ruff format --check resode_lightning tests benchmarks conftest.py docs/rest_roles.py docs/snippets
 
 bench: $(STAMP)
 	$(PY) benchmarks/conversion.py

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from resode_lightning.core.files import atomic_write_text
+from resode_lightning.core.io.atomic import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 

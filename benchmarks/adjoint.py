@@ -7,8 +7,8 @@ Reported: the relative error ``|g_adjoint - g_backprop| / |g_backprop|`` of the 
 cross-entropy loss (fixed random labels) over the parameters of the ODE stages (what the
 adjoint computes) and over all parameters (what an optimiser sees), whether the export warned
 that the adjoint is inexact, and the peak memory and time of one training step of each mode
-(:func:`resode_lightning.memory_benchmark.measure_step`: ``torch.cuda.max_memory_allocated``
-on CUDA, the peak-RSS proxy of :mod:`resode_lightning.memory_benchmark` on CPU, each measured
+(:func:`resode_lightning.apps.memory_benchmark.measure_step`: ``torch.cuda.max_memory_allocated``
+on CUDA, the peak-RSS proxy of :mod:`resode_lightning.apps.memory_benchmark` on CPU, each measured
 in a fresh forked process).
 
 Nets (random weights, eval mode, BatchNorm at its default statistics, folded by the export):
@@ -43,11 +43,11 @@ from _common import RESULTS, environment, write_results
 from torch import Tensor, nn
 from torch.nn import functional
 
-from resode_lightning.core.files import atomic_write_text
+from resode_lightning.apps.memory_benchmark import in_fresh_process, measure_step
+from resode_lightning.core.io.atomic import atomic_write_text
 from resode_lightning.core.models import ode_resnet, torchvision_resnet
 from resode_lightning.export import export_neural_ode
 from resode_lightning.export.solve import NeuralODEStage
-from resode_lightning.memory_benchmark import in_fresh_process, measure_step
 
 STEPS: dict[str, float] = {"L": 1.0, "4L": 4.0}
 """Steps per stage, as fractions of each stage's depth."""

@@ -51,9 +51,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from resode_lightning import DepthSampling, DigitsDataModule, ImageClassifier, ode_resnet
-from resode_lightning.core.files import atomic_save, atomic_write, atomic_write_text
+from resode_lightning.apps.demo import CONFIGS
+from resode_lightning.core.io.atomic import atomic_save, atomic_write, atomic_write_text
 from resode_lightning.core.stages import find_stages
-from resode_lightning.demo import CONFIGS
 from resode_lightning.export import accuracy_vs_steps, export_neural_ode
 from resode_lightning.export.distill import distill_depth
 
@@ -68,7 +68,23 @@ SETTINGS: list[tuple[str, float]] = [
 """(method, steps as a fraction of each stage's depth): Euler at L, L/2, L/4 and RK4 at the
 same field evaluations."""
 BUDGETS = {1.0: "L", 0.5: "L/2", 0.25: "L/4"}
-SCRATCH = ("tied normal", "tied sampled", "iid normal", "iid sampled")
+SAMPLING: dict[str, dict[str, Any]] = {
+    "sampled": {},
+    "sampled+rk4": {"methods": ("euler", "rk4")},
+    "sampled+roughness": {"roughness": 1e-3},
+    "sampled+rk4+roughness": {"methods": ("euler", "rk4"), "roughness": 1e-3},
+}
+"""DepthSampling settings of each ``<init> <training>`` arm besides ``steps=(1.0, 0.5, 0.25)``
+and the loss on the labels (:func:`label_loss`): Euler only; Euler and RK4 at the same field
+evaluations (RK4 at L/4, L/8, L/16 steps); Euler with the roughness penalty in depth (first
+differences); both."""
+SCRATCH = (
+    "tied normal",
+    "tied sampled",
+    "iid normal",
+    "iid sampled",
+    *(f"tied {training}" for training in list(SAMPLING)[1:]),
+)
 VARIANTS = ("plain export", "knot projection", "fine-tune", "distilled")
 ARMS = (*SCRATCH, *(f"iid net {v}" for v in VARIANTS), *(f"resnet {v}" for v in VARIANTS))
 RESNET = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05, "schedule": "cosine"}
@@ -184,14 +200,20 @@ def scratch_net(
         return ode_resnet(**kwargs, num_classes=10, in_channels=1)
 
     def train(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
-        callbacks = (
-            [DepthSampling(steps=(1.0, 0.5, 0.25), seed=seed)] if training == "sampled" else []
-        )
+        callbacks = []
+        if training in SAMPLING:
+            options = {"steps": (1.0, 0.5, 0.25), "seed": seed, "loss": label_loss}
+            callbacks.append(DepthSampling(**options, **SAMPLING[training]))
         model, seconds = fit(model, data, config["model"], epochs, seed, callbacks)
         return model, {"train_s": seconds, "epochs": epochs}
 
     model, record = cache.net(f"{init} {training}", seed, build, train)
     return model, data, record
+
+
+def label_loss(output: torch.Tensor, full: torch.Tensor, batch: Any) -> torch.Tensor:
+    """The loss of a fewer-step pass: cross-entropy on the labels, as the classifier's."""
+    return nn.functional.cross_entropy(output, batch[1])
 
 
 def resnet_net(cache: Cache, seed: int, epochs: int) -> tuple[nn.Module, Any, dict]:
@@ -271,7 +293,7 @@ def run_arm(arm: str, seed: int, cache: Cache, args) -> None:
         return
     print(f"[seed {seed}] {arm}", flush=True)
     if arm in SCRATCH:
-        init, training = arm.split()
+        init, training = arm.split(" ", 1)
         source, data, record = scratch_net(cache, init, training, seed, args.epochs)
         model = export_neural_ode(source)
     else:
@@ -404,6 +426,22 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
         ">=",
         "pt",
     )
+    for training in list(SAMPLING)[1:]:
+        arm = f"tied {training}"
+        add(
+            f"{arm}: Euler L/4 − its own Euler L",
+            diff(arm, "euler", 0.25, arm, "euler", 1.0),
+            -0.015,
+            ">=",
+            "pt",
+        )
+        add(
+            f"{arm}: RK4 at L/4 evaluations − its own Euler L",
+            diff(arm, "rk4", 0.0625, arm, "euler", 1.0),
+            -0.02,
+            ">=",
+            "pt",
+        )
     add(
         "iid net distilled: Euler L/2 − source",
         diff("iid net distilled", "euler", 0.5, "iid net distilled", "source", None),
@@ -428,6 +466,37 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     latency = [r["latency_ratio"] for r in _by(rows, "resnet distilled", "euler", 0.5).values()]
     add("resnet distilled: latency Euler L/2 / source", latency, 0.65, "<=", "x")
     return checks
+
+
+def costs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """What each DepthSampling option costs at Euler against the Euler-only arm, per seed:
+    accuracy at L, L/2, L/4 and training time (the arms of a seed run one after the other)."""
+    table = []
+    for training in SAMPLING:
+        arm = f"tied {training}"
+        sources = _by(rows, arm, "source")
+        if not sources:
+            continue
+        line = {"arm": arm, "seeds": str(len(sources))}
+        for fraction in (1.0, 0.5, 0.25):
+            a, b = _by(rows, arm, "euler", fraction), _by(rows, "tied sampled", "euler", fraction)
+            shared = sorted(set(a) & set(b))
+            values = [a[s]["accuracy"] - b[s]["accuracy"] for s in shared]
+            line[f"Euler {BUDGETS[fraction]} − sampled (pt)"] = (
+                _signed(values) if values else "—"
+            )
+        base = _by(rows, "tied sampled", "source")
+        times = [r["train_s"] for r in sources.values()]
+        ratios = [sources[s]["train_s"] / base[s]["train_s"] for s in sources if s in base]
+        line["train s"] = _spread(times, scale=1.0, digits=0)
+        line["train time / sampled"] = _spread(ratios, scale=1.0, digits=2) if ratios else "—"
+        table.append(line)
+    return table
+
+
+def _signed(values: list[float]) -> str:
+    mean, low, high = (100 * v for v in (statistics.fmean(values), min(values), max(values)))
+    return f"{mean:+.1f} ({low:+.1f}…{high:+.1f})"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -484,6 +553,13 @@ def _recipe(kind: str) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in items)
 
 
+def _options() -> str:
+    return "; ".join(
+        f"{training}: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "Euler only")
+        for training, options in SAMPLING.items()
+    )
+
+
 def report(cache: Cache, seeds: list[int], args) -> None:
     rows = cache.results(seeds)
     if not rows:
@@ -491,10 +567,10 @@ def report(cache: Cache, seeds: list[int], args) -> None:
         return
     env = environment("cpu")
     RESULTS.mkdir(exist_ok=True)
-    table, checks = summary(rows), targets(rows)
+    table, checks, cost = summary(rows), targets(rows), costs(rows)
+    content = {"environment": env, "seeds": seeds, "rows": rows, "targets": checks, "costs": cost}
     atomic_write_text(
-        json.dumps({"environment": env, "seeds": seeds, "rows": rows, "targets": checks}, indent=1)
-        + "\n",
+        json.dumps(content, indent=1) + "\n",
         RESULTS / f"{args.output}.json",
     )
     plot(rows, RESULTS / f"{args.output}.png")
@@ -508,6 +584,12 @@ def report(cache: Cache, seeds: list[int], args) -> None:
         + markdown_table(table, list(table[0]))
         + "\n## Targets of the issue\n\n"
         + (markdown_table(checks, list(checks[0])) if checks else "none measured yet\n")
+        + (
+            "\n## What each DepthSampling option costs at Euler (against tied sampled)\n\n"
+            + markdown_table(cost, list(cost[0]))
+            if cost
+            else ""
+        )
         + f"\n{header}\n\n"
         + f"Test split of digits (270 images per seed; the split follows the seed), batches of 64; "
         f"latency: median over {args.passes} interleaved passes of the test split (4 full "
@@ -518,6 +600,8 @@ def report(cache: Cache, seeds: list[int], args) -> None:
         f"the demo's SGD schedule; ResNet: {args.resnet_epochs} epochs of AdamW; distillation: "
         f"{args.distill_epochs} epochs, AdamW at lr {DISTILL_LR['iid net']:g} (iid net) and "
         f"{DISTILL_LR['resnet']:g} (ResNet); iid net distilled: {_recipe('iid net')}. "
+        f"Sampled arms: DepthSampling(steps=(1.0, 0.5, 0.25)), each pass's loss the "
+        f"cross-entropy on the labels, with {_options()}. "
         f"1 CPU thread, shared machine.\n"
     )
     atomic_write_text(text, RESULTS / f"{args.output}.md")

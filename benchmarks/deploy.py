@@ -55,7 +55,7 @@ from _common import RESULTS, environment, markdown_table
 from torch import Tensor, nn
 
 from resode_lightning import deployable, export_neural_ode, ode_resnet
-from resode_lightning.core.files import atomic_write_text
+from resode_lightning.core.io.atomic import atomic_write_text
 from resode_lightning.core.models import torchvision_resnet
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.deploy import DeployedStage

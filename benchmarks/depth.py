@@ -44,10 +44,10 @@ import yaml
 from _common import RESULTS, environment, write_results
 from torch import Tensor, nn
 
+from resode_lightning.apps.demo import CONFIGS, idle_cores
 from resode_lightning.cli.train import cli
-from resode_lightning.core.files import atomic_write, atomic_write_text
+from resode_lightning.core.io.atomic import atomic_write, atomic_write_text
 from resode_lightning.core.stages import find_stages
-from resode_lightning.demo import CONFIGS, idle_cores
 from resode_lightning.export import NeuralODEStage, VectorField, export_neural_ode
 
 FRACTIONS = {"L": 1.0, "L/2": 0.5, "L/4": 0.25}

@@ -2,8 +2,8 @@
 
 Modes: plain ResNet stage, ODE form with backprop, torch.utils.checkpoint per block, raw
 torchdiffeq odeint_adjoint, and the export's four gradient modes (``recursive`` with 4 stored
-states), see :mod:`resode_lightning.memory_benchmark`; steps 4 ... 256 and 36. Checked against the
-issue's targets (:func:`targets`): ``recursive`` peak at 256 steps <= 1.3x its peak at 4
+states), see :mod:`resode_lightning.apps.memory_benchmark`; steps 4 ... 256 and 36. Checked
+against the issue's targets (:func:`targets`): ``recursive`` peak at 256 steps <= 1.3x its peak at 4
 steps, and its time at 36 steps <= 4x backprop's (the two timed interleaved, medians of 15
 rounds); ``checkpoint`` grows by <= 1 stored state per step: the least-squares slope of peak
 memory against steps over one state's bytes, beside the slope of ``block_checkpoint`` (which
@@ -28,15 +28,15 @@ from typing import Any
 
 import torch
 
-from resode_lightning.cli.bench import add_arguments, measure, ratio_lines, table
-from resode_lightning.core.files import atomic_write, atomic_write_text
-from resode_lightning.memory_benchmark import (
+from resode_lightning.apps.memory_benchmark import (
     RECURSIVE_CHECKPOINTS,
     allocated_step_bytes,
     in_fresh_process,
     memory_benchmark,
     stage_module,
 )
+from resode_lightning.cli.bench import add_arguments, measure, ratio_lines, table
+from resode_lightning.core.io.atomic import atomic_write, atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 STEPS = [4, 8, 16, 32, 36, 64, 128, 256]
@@ -82,7 +82,7 @@ def interleaved_times(
 
 def allocated_peaks(args: argparse.Namespace) -> dict[int, int]:
     """Peak allocated tensor bytes of one recursive training step at :data:`ALLOCATED_STEPS`
-    (:func:`~resode_lightning.memory_benchmark.allocated_step_bytes`, CPU), each in a fresh
+    (:func:`~resode_lightning.apps.memory_benchmark.allocated_step_bytes`, CPU), each in a fresh
     process."""
     sizes = {"width": args.width, "size": args.size, "batch": args.batch, "depth": args.depth}
     peaks = {}

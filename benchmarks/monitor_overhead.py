@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from resode_lightning import SmoothnessMonitor, find_stages
 from resode_lightning.core.metrics import metric_table
 from resode_lightning.core.models import torchvision_resnet
-from resode_lightning.core.odeform import stage_tensors
+from resode_lightning.core.parameters import stage_tensors
 
 BATCH = 16
 INTERVAL = 50

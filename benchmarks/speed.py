@@ -45,7 +45,7 @@ from _common import RESULTS, environment, write_results
 from torch import Tensor, nn
 from torch.fx.experimental.optimization import fuse
 
-from resode_lightning.core.files import atomic_write_text
+from resode_lightning.core.io.atomic import atomic_write_text
 from resode_lightning.core.models import ode_resnet, torchvision_resnet
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export import export_neural_ode

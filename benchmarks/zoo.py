@@ -1,7 +1,14 @@
 """Coverage of the ResNet zoo: every ResNet-family arch of the installed timm and torchvision.
 
+The archs: timm's ResNet families (resnet, resnetv2, senet, sknet, res2net, resnest, regnet,
+byobnet, cspnet, nfnet, dla), a ``features_only=True`` backbone of each timm family;
+torchvision's classification ResNets and RegNets, the ResNet backbones of its detection and
+segmentation models (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, DeepLabV3, FCN), its video
+ResNets and its quantizable ResNets (``quantize=False``).
+
 For each arch (random weights, every BatchNorm with random statistics and affine parameters, as
-a trained net has; eval mode, float32, batch 2 at 64x64), out of the box, with no registration:
+a trained net has; eval mode, float32, batch 2 at 64x64, video 2 x 4 frames at 32x32), out of
+the box, with no registration:
 
 - stages: the residual stages found and their depths;
 - self: the arch's own float32 error against float64 (a floor no conversion can beat);
@@ -35,12 +42,54 @@ from _common import RESULTS, environment, markdown_table
 from torch import nn
 
 from resode_lightning import export_neural_ode, find_stages, resample_depth, to_ode_form
-from resode_lightning.core.files import atomic_write_text
+from resode_lightning.core.io.atomic import atomic_write_text
 from resode_lightning.core.metrics import METRICS, metric_table
-from resode_lightning.core.odeform import stage_tensors
+from resode_lightning.core.parameters import stage_tensors
 from resode_lightning.testing import randomize_norms
 
-TIMM_FAMILIES = ("resnet", "resnetv2", "senet", "sknet", "res2net", "resnest", "regnet", "byobnet")
+TIMM_FAMILIES = (
+    "resnet",
+    "resnetv2",
+    "senet",
+    "sknet",
+    "res2net",
+    "resnest",
+    "regnet",
+    "byobnet",
+    "cspnet",
+    "nfnet",
+    "dla",
+)
+FEATURES_ONLY = (
+    "resnet50d",
+    "resnetv2_50",
+    "seresnext26d_32x4d",
+    "skresnet18",
+    "res2net50_26w_4s",
+    "resnest26d",
+    "regnety_008",
+    "resnet51q",
+    "cspresnet50",
+    "nf_resnet50",
+    "dla34",
+)
+"""One timm arch per family, built with ``features_only=True`` (a multi-scale backbone)."""
+TORCHVISION_BACKBONES = {
+    "detection": (
+        "fasterrcnn_resnet50_fpn",
+        "fasterrcnn_resnet50_fpn_v2",
+        "maskrcnn_resnet50_fpn",
+        "maskrcnn_resnet50_fpn_v2",
+        "keypointrcnn_resnet50_fpn",
+        "retinanet_resnet50_fpn",
+        "retinanet_resnet50_fpn_v2",
+        "fcos_resnet50_fpn",
+    ),
+    "segmentation": ("deeplabv3_resnet50", "deeplabv3_resnet101", "fcn_resnet50", "fcn_resnet101"),
+}
+"""torchvision's task models with a ResNet body: the zoo measures their ``backbone``."""
+VIDEO = ("r3d_18", "mc3_18", "r2plus1d_18")
+QUANTIZABLE = ("resnet18", "resnet50", "resnext101_32x8d", "resnext101_64x4d")
 TOLERANCE = 1e-5
 COLUMNS = [
     "arch",
@@ -61,11 +110,16 @@ def archs(only: set[str] | None) -> list[tuple[str, str]]:
     found = []
     for family in TIMM_FAMILIES:
         found += [(f"timm:{name}", family) for name in timm.list_models(module=family)]
+    found += [(f"timm-features:{name}", "timm-features") for name in FEATURES_ONLY]
     for name in tvm.list_models(module=tvm):
         if name.startswith(("resnet", "wide_resnet", "resnext")):
             found.append((f"torchvision:{name}", "tv-resnet"))
         elif name.startswith("regnet"):
             found.append((f"torchvision:{name}", "tv-regnet"))
+    for task, names in TORCHVISION_BACKBONES.items():
+        found += [(f"torchvision-{task}:{name}", f"tv-{task}") for name in names]
+    found += [(f"torchvision-video:{name}", "tv-video") for name in VIDEO]
+    found += [(f"torchvision-quantization:{name}", "tv-quantizable") for name in QUANTIZABLE]
     return [(arch, family) for arch, family in found if only is None or family in only]
 
 
@@ -73,7 +127,27 @@ def build(arch: str) -> nn.Module:
     source, name = arch.split(":")
     if source == "timm":
         return timm.create_model(name, pretrained=False, num_classes=10)
-    return tvm.get_model(name, weights=None, num_classes=10)
+    if source == "timm-features":
+        return timm.create_model(name, pretrained=False, features_only=True)
+    if source in ("torchvision-detection", "torchvision-segmentation"):
+        return tvm.get_model(name, weights=None, weights_backbone=None, num_classes=10).backbone
+    if source == "torchvision-quantization":
+        return tvm.quantization.__dict__[name](weights=None, quantize=False, num_classes=10)
+    return tvm.get_model(name, weights=None, num_classes=10)  # classification and video
+
+
+def example(arch: str) -> torch.Tensor:
+    """The input batch of ``arch``: 2 images at 64x64, or 2 clips of 4 frames at 32x32."""
+    shape = (2, 3, 4, 32, 32) if arch.startswith("torchvision-video") else (2, 3, 64, 64)
+    return torch.randn(shape)
+
+
+def flat(output: object) -> torch.Tensor:
+    """Every tensor of a model's output (a tensor, a list of feature maps, a dict), as one."""
+    if isinstance(output, torch.Tensor):
+        return output.flatten()
+    values = output.values() if isinstance(output, dict) else output
+    return torch.cat([flat(value) for value in values])
 
 
 def parameter_count(arch: str) -> int:
@@ -81,8 +155,9 @@ def parameter_count(arch: str) -> int:
         return sum(p.numel() for p in build(arch).parameters())
 
 
-def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).abs().max() / expected.abs().max()).item()
+def relative(actual: object, expected: object) -> float:
+    actual, expected = flat(actual).double(), flat(expected).double()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def monitor_finite(stage) -> bool:
@@ -112,11 +187,15 @@ def measure(arch: str, family: str, max_params: float) -> dict:
         return row
     torch.manual_seed(0)
     model = randomize_norms(build(arch)).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = example(arch)
     try:
         stages = find_stages(model)
     except ValueError as error:
-        row["status"] = "no stage" if "No residual stage" in str(error) else f"error: {error}"
+        row["status"] = (
+            "no stage: no run of two blocks with an identity skip that the model chains"
+            if "No residual stage" in str(error)
+            else f"error: {error}"
+        )
         return row
     row["stages"] = " ".join(f"{s.name}:{s.depth}" for s in stages)
     with torch.no_grad():
@@ -129,7 +208,7 @@ def measure(arch: str, family: str, max_params: float) -> dict:
         row["monitor"] = "ok" if all(finite) else "not finite"
         try:
             deeper = resample_depth(model, {stages[0].name: 2 * stages[0].depth})
-            row["resample"] = "ok" if bool(deeper(x).isfinite().all()) else "not finite"
+            row["resample"] = "ok" if bool(flat(deeper(x)).isfinite().all()) else "not finite"
         except ValueError as error:
             row["resample"] = f"refused: {str(error)[:80]}"
     exact = max(row["conversion"], row["export"]) <= TOLERANCE
@@ -224,7 +303,9 @@ def write(rows: list[dict], name: str) -> None:
     text = (
         "# ResNet zoo coverage\n\n"
         "Out of the box, no registration. Random weights with randomised BatchNorm statistics "
-        "and affine parameters, eval, float32, batch 2 at 64x64; errors are max |Δy| / max |y|. "
+        "and affine parameters, eval, float32, batch 2 at 64x64 (video: 2 clips of 4 frames at "
+        "32x32); errors are max |Δy| / max |y| over every output (a backbone's feature maps "
+        "too). "
         "`self` is the arch's own float32 error against float64.\n\n"
         + markdown_table(summary, list(summary[0]))
         + "\n"

@@ -1,6 +1,7 @@
 """resode_lightning: production ResNets as discretized neural ODEs, for PyTorch Lightning.
 
-The names exported here are the public API; everything else is importable but not promised.
+The names of ``__all__`` are the promised API, each documented in docs/api.md; the subpackages
+are importable but internal: their modules and names may move.
 """
 
 from resode_lightning.callbacks import (
@@ -9,18 +10,15 @@ from resode_lightning.callbacks import (
     ODEForm,
     SmoothnessMonitor,
 )
-from resode_lightning.core.blocks import (
-    BlockAdapter,
-    BlockAdapterError,
-    register_block,
-    registered_blocks,
-    registration_scope,
-)
-from resode_lightning.core.files import CheckpointError, load_into, load_state_dict_file
+from resode_lightning.core.blocks import BlockAdapter, BlockAdapterError
+from resode_lightning.core.io.checkpoint import load_state_dict_file
+from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.core.metrics import smoothness_metrics, smoothness_report
 from resode_lightning.core.models import PreActBlock, ode_resnet
-from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
+from resode_lightning.core.odeform import from_ode_form, is_ode_form, load_into, to_ode_form
 from resode_lightning.core.plots import plot_smoothness
+from resode_lightning.core.registry import register_block, registered_blocks, registration_scope
+from resode_lightning.core.resample import resample_depth
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from resode_lightning.export import (

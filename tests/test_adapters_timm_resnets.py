@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from resode_lightning import export_neural_ode, find_stages, smoothness_report, to_ode_form
 from resode_lightning.core.adapters import register_timm_if_imported
-from resode_lightning.core.blocks import adapter_for
+from resode_lightning.core.registry import adapter_for
 from resode_lightning.testing import randomize_norms
 
 timm = pytest.importorskip("timm")

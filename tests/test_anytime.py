@@ -25,7 +25,7 @@ from resode_lightning import (
 )
 from resode_lightning.cli import main as resode
 from resode_lightning.core.coarse import BatchStatistics, coarse_grid, coarse_steps
-from resode_lightning.core.files import CheckpointError
+from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.core.models import PreActBlock
 from resode_lightning.export.anytime import (
     accuracy_vs_steps,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import runpy
 import stat
 import sys
 import time
@@ -22,7 +21,6 @@ from resode_lightning.core.odeform import to_ode_form
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-SNIPPETS = sorted((ROOT / "docs" / "snippets").glob("*.py"))
 TINY = '--model.backbone_kwargs={"depths": [2], "widths": [4], "init": "tied", "seed": 0}'
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false"]
 # error-path runs: fast_dev_run, so that a wrongly accepted config cannot train for long
@@ -155,23 +153,6 @@ def test_unknown_architecture(in_tmp, capsys):
     assert not (in_tmp / "runs").exists()
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=[s.stem for s in SNIPPETS])
-def test_readme_snippets_run(snippet, in_tmp):
-    threads = torch.get_num_threads()
-    try:
-        runpy.run_path(str(snippet), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_readme_shows_the_tested_snippets_verbatim():
-    text = (ROOT / "README.md").read_text()
-    assert len(SNIPPETS) >= 4
-    for snippet in SNIPPETS:
-        code = snippet.read_text().split('"""', 2)[2].lstrip("\n")
-        assert code in text, f"README.md lacks the code of {snippet.name}"
-
-
 @pytest.fixture(scope="module")
 def r18(tmp_path_factory):
     """A resnet18 state dict with 10 classes, its file and an ODE-form copy's file."""
@@ -231,7 +212,7 @@ def test_convert_output_paths_are_checked_before_any_work(r18, tmp_path, capsys,
     def never(*args, **kwargs):
         raise AssertionError("the checkpoint was read before the output path was checked")
 
-    monkeypatch.setattr(convert, "load_torchvision", never)
+    monkeypatch.setattr(convert, "load_model", never)
     os.mkfifo(tmp_path / "fifo")
     device = tmp_path / "null"
     try:

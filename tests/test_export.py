@@ -336,7 +336,7 @@ def test_callback_refuses_an_unwritable_path_before_training(tmp_path, kind):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_export_matches_and_adjoint_memory_is_flat():
-    from resode_lightning.memory_benchmark import memory_benchmark
+    from resode_lightning.apps.memory_benchmark import memory_benchmark
 
     model = small_ode_resnet().cuda()
     x = torch.randn(2, 3, 8, 8, device="cuda")

@@ -1,6 +1,7 @@
 """Safe checkpoint loading, atomic writes and `resode convert`."""
 
 import fcntl
+import io
 import os
 import pickle
 import re
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torchvision.models as tvm
 
@@ -20,7 +22,10 @@ from resode_lightning import (
     to_ode_form,
 )
 from resode_lightning.cli import main
-from resode_lightning.core.files import atomic_save, atomic_write, strip_prefix
+from resode_lightning.cli._checkpoint import read_checkpoint
+from resode_lightning.core.io.atomic import atomic_save, atomic_write
+from resode_lightning.core.io.checkpoint import safe_torch_load
+from resode_lightning.core.odeform import strip_prefix
 
 
 class Payload:
@@ -305,3 +310,48 @@ def test_unwritable_directories_give_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match=r"creating a file in .* failed \(Operation not"):
         atomic_save({}, tmp_path / "out.pt")
     assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_bytes_not_yet_written_are_checked_as_their_file_would_be(tmp_path, zipped):
+    """save_neural_ode reads its content back through the safe reader before writing it."""
+    path = tmp_path / "not-written.pt"
+    buffer = io.BytesIO()
+    torch.save({"w": torch.arange(3.0)}, buffer, _use_new_zipfile_serialization=zipped)
+    assert safe_torch_load(path, data=buffer.getvalue())["w"].tolist() == [0.0, 1.0, 2.0]
+    shared = torch.ones(4)
+    buffer = io.BytesIO()
+    torch.save({"a": shared, "b": shared}, buffer, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError, match=f"{path} holds tensors .* that share memory"):
+        safe_torch_load(path, data=buffer.getvalue())
+    with pytest.raises(CheckpointError, match=f"{path} (is not a readable|declares .* bytes)"):
+        safe_torch_load(path, data=buffer.getvalue()[:-9])
+    with pytest.raises(CheckpointError, match=f"{path} is empty"):
+        safe_torch_load(path, data=b"")
+    assert files(tmp_path) == []
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        safe_torch_load(path)
+
+
+def test_a_ckpt_path_is_read_once_by_the_safe_reader(tmp_path, monkeypatch):
+    """resode fit|validate|test|predict --ckpt_path read the file twice: checked, then loaded."""
+    path = tmp_path / "last.ckpt"
+    content = {
+        "state_dict": {"model.w": torch.ones(2)},
+        "pytorch-lightning_version": pl.__version__,
+        "epoch": 1,
+        "global_step": 3,
+        "hyper_parameters": {},
+    }
+    torch.save(content, path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    read = read_checkpoint(path, "validate")
+    assert len(loads) == 1 and torch.equal(read["state_dict"]["model.w"], torch.ones(2))
+    torch.save({**content, "state_dict": {0: torch.ones(2)}}, path)
+    with pytest.raises(CheckpointError, match="has a key 0 of type int"):
+        read_checkpoint(path, "validate")
+    torch.save(content["state_dict"], path)
+    with pytest.raises(CheckpointError, match="holds weights only, not a Lightning checkpoint"):
+        read_checkpoint(path, "validate")

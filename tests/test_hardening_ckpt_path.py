@@ -18,16 +18,18 @@ import yaml
 from helpers.cli import one_line_error
 
 from resode_lightning.cli import main
-from resode_lightning.cli.train import (
-    MAX_CONFIG_DEPTH,
-    MAX_CONFIG_NODES,
-    ConfigError,
-    check_config_text,
+from resode_lightning.cli._checkpoint import (
     check_hyper_parameters,
     read_checkpoint,
     stored_values,
 )
-from resode_lightning.core.files import CheckpointError
+from resode_lightning.cli._config import (
+    MAX_CONFIG_DEPTH,
+    MAX_CONFIG_NODES,
+    ConfigError,
+    check_config_text,
+)
+from resode_lightning.core.io.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits_ode_resnet.yaml")

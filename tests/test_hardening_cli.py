@@ -235,7 +235,7 @@ def _never(*args, **kwargs):
 @pytest.mark.parametrize("size", ["0", "-1", "100000"])
 def test_export_refuses_a_size_out_of_range_up_front(size, r18, tmp_path, capsys, monkeypatch):
     """--size 0 gave a raw RuntimeError from a convolution after the export was built."""
-    monkeypatch.setattr(export, "load_torchvision", _never)
+    monkeypatch.setattr(export, "load_model", _never)
     status, output = _run(_export(r18[1], tmp_path / "out.pt", "--size", size), capsys)
     assert status == 2
     one_line_error(output, "export", f"--size must be between 1 and 1024 pixels, got {size}")
@@ -243,7 +243,7 @@ def test_export_refuses_a_size_out_of_range_up_front(size, r18, tmp_path, capsys
 
 
 def test_export_checks_the_output_path_before_any_work(r18, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(export, "load_torchvision", _never)
+    monkeypatch.setattr(export, "load_model", _never)
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "dir").mkdir()
     cases = {tmp_path / "fifo": "FIFO", tmp_path / "dir": "is a directory",

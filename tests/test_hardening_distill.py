@@ -20,7 +20,7 @@ from helpers.cli import one_line_error
 from resode_lightning import export_neural_ode, ode_resnet
 from resode_lightning.cli import distill as distill_command
 from resode_lightning.cli import main
-from resode_lightning.core.files import CheckpointError
+from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.export.distill import _resume, distill_depth
 from resode_lightning.export.options import ExportOptions
 from resode_lightning.testing import randomize_norms

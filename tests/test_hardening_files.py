@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from resode_lightning import CheckpointError, load_state_dict_file
-from resode_lightning.core.files import strip_prefix
+from resode_lightning.core.odeform import strip_prefix
 
 
 def tiny_state_dict() -> dict[str, torch.Tensor]:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from helpers.fake_data import write_cifar10, write_image_folder
 
+from resode_lightning.core.io.arrays import _ArraysOnly
 from resode_lightning.data import CIFAR10DataModule, DataError, ImageFolderDataModule
-from resode_lightning.data.cifar10 import _ArraysOnly, read_batch
+from resode_lightning.data.cifar10 import read_batch
 
 # ----------------------------------------------------------------------------- image folder FIFO
 

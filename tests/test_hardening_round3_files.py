@@ -19,8 +19,9 @@ from helpers.cli import one_line_error
 
 from resode_lightning import CheckpointError, load_state_dict_file
 from resode_lightning.cli import bench, main
-from resode_lightning.core import files
-from resode_lightning.core.files import atomic_save, atomic_write, safe_torch_load
+from resode_lightning.core.io import atomic, checkpoint
+from resode_lightning.core.io.atomic import atomic_save, atomic_write
+from resode_lightning.core.io.checkpoint import safe_torch_load
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -175,7 +176,7 @@ def test_full_disk_in_torch_save_is_named_and_keeps_the_old_file(tmp_path, monke
     atomic_save({"w": torch.ones(2)}, target)
     before = target.read_bytes()
     full = lambda handle, mode: io.BufferedWriter(_FullDisk(handle, "w"))  # noqa: E731
-    monkeypatch.setattr(files.os, "fdopen", full)
+    monkeypatch.setattr(atomic.os, "fdopen", full)
     with pytest.raises(OSError) as caught:
         atomic_save({"w": torch.zeros(10_000)}, target)
     chain, error = [], caught.value
@@ -254,15 +255,15 @@ def test_concurrent_writers_to_one_path_all_succeed_and_leave_a_whole_file(tmp_p
 def test_a_partial_file_deleted_before_its_lock_is_replaced(tmp_path, monkeypatch):
     """The race itself, made certain: a cleanup deletes the first partial file before it is
     locked; the write goes on in a new one."""
-    real_lock, deleted = files._locked_in_place, []
+    real_lock, deleted = atomic._locked_in_place, []
 
     def cleaned_first(handle: int, temporary: Path) -> bool:
         if not deleted:
             deleted.append(temporary.name)
-            files._remove_leftovers(tmp_path / "model.pt")  # another writer's cleanup
+            atomic._remove_leftovers(tmp_path / "model.pt")  # another writer's cleanup
         return real_lock(handle, temporary)
 
-    monkeypatch.setattr(files, "_locked_in_place", cleaned_first)
+    monkeypatch.setattr(atomic, "_locked_in_place", cleaned_first)
     atomic_save({"w": torch.ones(3)}, tmp_path / "model.pt")
     assert deleted and load_state_dict_file(tmp_path / "model.pt")["w"].tolist() == [1.0] * 3
     assert leftovers(tmp_path) == []
@@ -282,7 +283,7 @@ def test_out_of_memory_while_reading_is_a_checkpoint_error_naming_the_file(
     path = tmp_path / f"model{suffix}"
     if suffix == ".pth":
         torch.save({"w": torch.ones(2)}, path)
-        monkeypatch.setattr(files.torch, "load", _no_memory)
+        monkeypatch.setattr(checkpoint.torch, "load", _no_memory)
     else:
         path.write_bytes(safetensors_bytes("{" + entry("w", "F32", [2], 0, 8) + "}", bytes(8)))
         monkeypatch.setattr("safetensors.torch.load_file", _no_memory)
@@ -294,7 +295,7 @@ def test_out_of_memory_while_reading_is_a_checkpoint_error_naming_the_file(
 def test_out_of_memory_in_the_size_checks_is_named_too(tmp_path, monkeypatch):
     path = tmp_path / "model.pt"
     torch.save({"w": torch.ones(2)}, path)
-    monkeypatch.setattr(files, "_check_zip_checkpoint", _no_memory)
+    monkeypatch.setattr(checkpoint, "_check_zip_checkpoint", _no_memory)
     with pytest.raises(CheckpointError, match=f"{path} could not be loaded: out of memory"):
         safe_torch_load(path)
 

@@ -78,6 +78,11 @@ def test_a_resampled_stage_pads_its_depth_profiles_with_nan():
     profile = history.depth_profile("a")
     assert profile.shape == (2, 4)
     assert torch.isnan(profile[0, 2:]).all() and not torch.isnan(profile[1]).any()
+    assert history.depth("a").tolist() == [3, 5]
+    assert history.metric("a", "lipschitz").tolist() == [1, 2]  # the earlier row is kept
+    history.append(3, [measure("a", 3, depth=2)])
+    assert history.depth("a").tolist() == [3, 5, 2]
+    assert history.depth_profile("a").shape == (3, 4)
 
 
 def test_readers_name_what_is_missing():
@@ -95,14 +100,17 @@ def test_state_is_checked_and_converted():
     history = SmoothnessHistory()
     history.append(1, [measure("a", 1)])
     state = history.state_dict()
-    state["a"]["metrics"] = state["a"]["metrics"].double()
+    state["a"]["metrics"] = {k: v.double() for k, v in state["a"]["metrics"].items()}
     loaded = SmoothnessHistory.from_state_dict(state)
-    assert loaded.state_dict()["a"]["metrics"].dtype == torch.float32
+    assert {v.dtype for v in loaded.state_dict()["a"]["metrics"].values()} == {torch.float32}
     for bad, message in [
         ({"a": {**state["a"], "parameters": "all"}}, "'parameters' is a list of str"),
         ({"a": {**state["a"], "extra": 1}}, r"unexpected: \['extra'\]"),
         ({"a": {**state["a"], "depth_profile": torch.zeros(1, 3, 1)}}, "floating-point 2-d"),
         ({"a": {**state["a"], "step": [1]}}, "'step' is an integer 1-d tensor, got list"),
+        ({"a": {**state["a"], "depth": torch.tensor([1])}}, "'depth' holds 1 block counts >= 2"),
+        ({"a": {**state["a"], "metrics": {"x": torch.zeros(1)}}}, "'x' is a floating-point 2-d"),
+        ({"a": {**state["a"], "metrics": {1: torch.zeros(1, 2)}}}, "a dict of metric names"),
         ({1: state["a"]}, "stage names are str"),
     ]:
         with pytest.raises(ValueError, match=message):
@@ -113,7 +121,7 @@ def test_two_block_stages_and_single_steps_are_drawn(tmp_path):
     history = SmoothnessHistory()
     history.append(5, [measure("layer4", 1.0, depth=2), measure("layer3", 2.0, depth=6)])
     figure = smoothness_figure(history)
-    heatmaps = [axes for axes in figure.axes if axes.get_title().endswith("step size in depth")]
+    heatmaps = [axes for axes in figure.axes if axes.get_title().endswith("slope in depth")]
     for axes, rows in zip(heatmaps, (1, 5), strict=True):
         (mesh,) = axes.collections
         x, y = mesh.get_coordinates()[..., 0], mesh.get_coordinates()[..., 1]
@@ -129,9 +137,10 @@ def test_plots_read_a_plain_state_dict_and_check_it(tmp_path):
     history.append(1, [measure("a", math.nan)])
     history.append(2, [measure("a", 1.0)])
     assert plot_smoothness(history.state_dict(), tmp_path / "s.png").is_file()
-    with pytest.raises(ValueError, match="stage 'a': 'metrics' has shape"):
+    with pytest.raises(ValueError, match=r"stage 'a': 'metrics' 'lipschitz' has shape \(2, 2\)"):
         plot_smoothness(
-            {"a": {**history.state_dict()["a"], "metrics": torch.zeros(2, 1, 5)}}, "x.png"
+            {"a": {**history.state_dict()["a"], "metrics": {"lipschitz": torch.zeros(2, 1)}}},
+            "x.png",
         )
 
 
@@ -152,3 +161,64 @@ def test_non_finite_weights_are_reported_once_and_scalars_are_keyed_as_logged():
     assert list(measure("a", 2.0).scalars("s", per_parameter=False)) == [
         f"s/a/{m}" for m in METRICS
     ]
+
+
+def test_metrics_are_kept_by_name_and_read_as_nan_where_not_measured():
+    history = SmoothnessHistory()
+    history.append(1, [measure("a", 1.0)])
+    state = history.state_dict()
+    del state["a"]["metrics"]["curvature"]  # a metric added after this state was written
+    state["a"]["metrics"]["future"] = torch.full((1, 2), 7.0)  # one this version does not know
+    resumed = SmoothnessHistory.from_state_dict(state)
+    assert list(resumed.state_dict()["a"]["metrics"]) == [*METRICS, "future"]
+    assert math.isnan(float(resumed.metric("a", "curvature")[0]))
+    resumed.append(2, [measure("a", 2.0)])
+    assert resumed.metric("a", "curvature").tolist() == pytest.approx([math.nan, 2.0], nan_ok=True)
+    assert resumed.metric("a", "future", "conv.weight").tolist() == pytest.approx(
+        [7.0, math.nan], nan_ok=True
+    )
+    assert resumed.metric("a", "weight_norm").tolist() == [1.0, 2.0]
+
+
+def test_version_1_records_are_converted_with_depths_from_their_padding():
+    nan = math.nan
+    profile = torch.tensor([[1.0, 2.0, nan, nan], [1.0, 2.0, 3.0, 4.0], [nan, nan, nan, nan]])
+    table = torch.arange(3 * 2 * 5, dtype=torch.float32).reshape(3, 2, 5)
+    record = {
+        "step": torch.tensor([1, 2, 3]),
+        "parameters": [ALL, "w"],
+        "metrics": table,
+        "depth_profile": profile,
+        "probe_step": torch.tensor([2]),
+        "depth_consistency": torch.tensor([0.5]),
+    }
+    history = SmoothnessHistory.from_state_dict({"a": record})
+    # the last row's weights were non-finite: its depth is the widest
+    assert history.depth("a").tolist() == [3, 5, 5]
+    order = ["weight_norm", "lipschitz", "total_variation", "relative_roughness", "curvature"]
+    for column, metric in enumerate(order):
+        assert torch.equal(history.metric("a", metric, "w"), table[:, 1, column])
+    assert history.state_dict()["a"]["probe_step"].tolist() == [2]
+    with pytest.raises(ValueError, match=r"'metrics' has shape \(3, 2, 5\), got \(3, 2, 4\)"):
+        SmoothnessHistory.from_state_dict({"a": {**record, "metrics": table[..., :4]}})
+
+
+def test_rows_of_different_depths_share_one_depth_axis_and_colour_scale():
+    history = SmoothnessHistory()
+    for step, depth in [(1, 3), (2, 3), (3, 5), (4, 5), (5, 2)]:
+        history.append(step, [measure("a", float(step), depth=depth)])
+    history.append(6, [measure("a", math.nan, depth=2)])
+    figure = smoothness_figure(history)
+    heatmap, curve = figure.axes[0], figure.axes[1]
+    meshes = heatmap.collections
+    assert [mesh.get_array().shape for mesh in meshes] == [(2, 2), (4, 2), (1, 2)]
+    for mesh in meshes:
+        y = mesh.get_coordinates()[..., 1]
+        assert (y.min(), y.max()) == (0.5, 4.5)
+    # the colours show the slope L ||θ_{k+1} - θ_k||: 3 x 1 up to 5 x 4, NaN left out
+    assert {id(mesh.norm) for mesh in meshes} == {id(meshes[0].norm)}
+    assert (meshes[0].norm.vmin, meshes[0].norm.vmax) == (3.0, 20.0)
+    assert meshes[1].get_array()[0, 1] == 5 * 4.0
+    assert heatmap.get_ylabel() == "k (of 5 blocks)"
+    changes = [line.get_xdata()[0] for line in curve.lines if line.get_linestyle() == ":"]
+    assert changes == [3.0, 5.0]

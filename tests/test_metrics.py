@@ -18,7 +18,7 @@ from resode_lightning.core.metrics import (
     smoothness_metrics,
 )
 from resode_lightning.core.models import torchvision_resnet
-from resode_lightning.core.odeform import stage_parameters, stage_tensors
+from resode_lightning.core.parameters import stage_parameters, stage_tensors
 from resode_lightning.core.stages import find_stages
 
 

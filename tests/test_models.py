@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from resode_lightning import find_stages, is_ode_form, ode_resnet
-from resode_lightning.core.odeform import stage_parameters
+from resode_lightning.core.parameters import stage_parameters
 
 
 def stage_lipschitz(model) -> float:

@@ -17,7 +17,7 @@ from resode_lightning import (
     resample_depth,
     to_ode_form,
 )
-from resode_lightning.core.odeform import blocks_at_depth
+from resode_lightning.core.resample import blocks_at_depth
 from resode_lightning.testing import randomize_norms
 
 ARCHS = [

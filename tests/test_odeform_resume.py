@@ -10,7 +10,8 @@ import torchvision.models as tvm
 from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 
 from resode_lightning import ODEForm, is_ode_form, to_ode_form
-from resode_lightning.core.odeform import convert_state_dict, rescale_optimizer_state
+from resode_lightning.core.odeform import convert_state_dict
+from resode_lightning.core.optimizer_state import rescale_optimizer_state
 from resode_lightning.core.stages import find_stages
 from resode_lightning.core.step import named_parameters_by_key
 from resode_lightning.lit.classifier import ImageClassifier

@@ -20,7 +20,8 @@ from torch.fx.experimental.optimization import fuse
 from torchvision.models.quantization import resnet50 as quantizable_resnet50
 
 from resode_lightning.core.blocks import fold_batchnorm
-from resode_lightning.core.odeform import from_ode_form, refresh_steps, stage_tensors, to_ode_form
+from resode_lightning.core.odeform import from_ode_form, refresh_steps, to_ode_form
+from resode_lightning.core.parameters import stage_tensors
 from resode_lightning.core.stages import find_stages
 from resode_lightning.core.step import ODEStep
 from resode_lightning.testing import randomize_norms

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import resode_lightning
-from resode_lightning import demo
+from resode_lightning.apps import demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from resode_lightning.memory_benchmark import allocated_step_bytes, stage_module
+from resode_lightning.apps.memory_benchmark import allocated_step_bytes, stage_module
 
 WIDTH, SIZE, BATCH = 8, 8, 2
 STATE_BYTES = WIDTH * SIZE * SIZE * BATCH * 4

@@ -14,10 +14,11 @@ import torch
 from helpers.boring import NestedBackboneModule, loader, quiet_trainer
 from torch import nn
 
-from resode_lightning import SmoothnessMonitor, ode_resnet
+from resode_lightning import SmoothnessMonitor, ode_resnet, resample_depth
 from resode_lightning.core.metrics import ALL, METRICS, smoothness_metrics
 from resode_lightning.core.models import torchvision_resnet
-from resode_lightning.core.odeform import stage_parameters
+from resode_lightning.core.parameters import stage_parameters
+from resode_lightning.core.plots import smoothness_figure
 from resode_lightning.core.stages import find_stages
 
 SIZE = 8
@@ -75,17 +76,19 @@ def test_csv_logger_gets_the_documented_keys_at_the_trainer_interval(tmp_path):
     history = monitor.history["net.backbone.stages.1"]
     assert history["step"].tolist() == [2, 4, 6, 8]  # log_every_n_steps=2, 8 steps in 2 epochs
     assert history["parameters"][0] == ALL and "conv1.weight" in history["parameters"]
-    assert history["metrics"].shape == (4, len(history["parameters"]), len(METRICS))
+    shapes = {metric: tuple(values.shape) for metric, values in history["metrics"].items()}
+    assert shapes == {metric: (4, len(history["parameters"])) for metric in METRICS}
+    assert history["depth"].tolist() == [4, 4, 4, 4]
     assert history["depth_profile"].shape == (4, 3)
     # the logger shows the optimizer step each value was measured at, as the history does
-    lipschitz = history["metrics"][:, 0, METRICS.index("lipschitz")]
+    lipschitz = history["metrics"]["lipschitz"][:, 0]
     assert logged == pytest.approx(
         {s: float(v) for s, v in zip([2, 4, 6, 8], lipschitz, strict=True)}
     )
     row = history["parameters"].index("conv2.weight")
     key = "smoothness/net.backbone.stages.1/conv2.weight/total_variation"
     logged = {int(r["step"]): float(r[key]) for r in rows if r[key]}
-    values = history["metrics"][:, row, METRICS.index("total_variation")].tolist()
+    values = history["metrics"]["total_variation"][:, row].tolist()
     assert logged == pytest.approx(dict(zip([2, 4, 6, 8], values, strict=True)))
     # only the per-stage keys go through self.log, for other callbacks to monitor
     assert "smoothness/net.backbone.stages.1/lipschitz" in trainer_.callback_metrics
@@ -112,7 +115,7 @@ def test_plain_torchvision_stage_is_measured_in_the_ode_parametrisation(tmp_path
     history = monitor.history["net.backbone.layer1"]
     # resnet18.layer1 has L = 2: bn2 counts at twice its value
     expected = smoothness_metrics(stage_parameters(find_stages(backbone)[0]))[ALL]
-    assert history["metrics"][0, 0].tolist() == pytest.approx(
+    assert [float(history["metrics"][m][0, 0]) for m in METRICS] == pytest.approx(
         [float(expected[m]) if m != "curvature" else math.nan for m in METRICS], nan_ok=True
     )
     assert not any("/bn2.weight/" in k for k in csv_rows(tmp_path)[0])
@@ -164,7 +167,7 @@ def test_non_finite_weights_warn_once_and_training_goes_on(tmp_path):
     history = monitor.history["net.backbone.stages.1"]
     assert history["step"].tolist() == [1, 2, 3, 4]
     row = history["parameters"].index("conv1.weight")
-    assert torch.isnan(history["metrics"][:, row, 0]).all()
+    assert torch.isnan(history["metrics"]["weight_norm"][:, row]).all()
     key = "smoothness/net.backbone.stages.1/weight_norm"
     logged = [r[key] for r in csv_rows(tmp_path) if r[key]]
     assert len(logged) == 4 and all(math.isnan(float(value)) for value in logged)
@@ -180,21 +183,74 @@ def test_a_module_without_stages_fails_at_setup(tmp_path):
         )
 
 
-def test_stage_cache_follows_a_resample(tmp_path):
-    from resode_lightning.core.odeform import resample_depth
+def _deeper_container(backbone: nn.Module, original: nn.Module) -> None:
+    backbone.stages[1] = resample_depth(backbone, {"stages.1": 8}).stages[1]
 
-    class Resample(pl.Callback):
+
+def _deeper_in_place(backbone: nn.Module, original: nn.Module) -> None:
+    resample_depth(backbone, {"stages.1": 8}, inplace=True)
+
+
+def _one_block_grown_into_a_stage(backbone: nn.Module, original: nn.Module) -> None:
+    backbone.stages[1] = original  # one block is no stage: the monitor did not watch it
+
+
+@pytest.mark.parametrize(
+    "grow",
+    [_deeper_container, _deeper_in_place, _one_block_grown_into_a_stage],
+    ids=lambda f: f.__name__,
+)
+def test_the_monitor_history_survives_a_depth_change(tmp_path, grow):
+    backbone = tiny()
+    original = copy.deepcopy(backbone.stages[1])
+    if grow is _one_block_grown_into_a_stage:
+        del backbone.stages[1][1:]
+    before: dict = {}
+    monitor = SmoothnessMonitor(every_n_steps=1)
+
+    class Grow(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 2:
-                resample_depth(pl_module.net["backbone"], {"stages.1": 6}, inplace=True)
+            if trainer.global_step == 3:  # before the monitor measures step 3
+                before.update(monitor.history)
+                grow(pl_module.net["backbone"], original)
 
-    monitor = SmoothnessMonitor(every_n_steps=1, plot=False)
-    trainer(tmp_path, max_steps=4, callbacks=[Resample(), monitor]).fit(
-        NestedBackboneModule(tiny(), lr=0.0), loader(16, SIZE)
-    )
-    profile = monitor.history["net.backbone.stages.1"]["depth_profile"]
-    assert profile.shape == (4, 5)
-    assert torch.isnan(profile[0, 3:]).all() and not torch.isnan(profile[1:]).any()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks=[Grow(), monitor]).fit(
+            NestedBackboneModule(backbone), loader(16, SIZE)
+        )
+    assert not [w for w in caught if "SmoothnessMonitor" in str(w.message)]
+    history = monitor.history[name := "net.backbone.stages.1"]
+    if grow is _one_block_grown_into_a_stage:
+        assert name not in before and history["step"].tolist() == [3, 4, 5, 6]
+        assert history["depth"].tolist() == [4, 4, 4, 4]
+    else:
+        assert history["step"].tolist() == [1, 2, 3, 4, 5, 6]
+        assert history["depth"].tolist() == [4, 4, 8, 8, 8, 8]
+        kept = {k: v[:2] for k, v in history["metrics"].items()}
+        torch.testing.assert_close(kept, before[name]["metrics"], rtol=0, atol=0)
+        profile = history["depth_profile"]
+        assert profile.shape == (6, 7) and torch.isnan(profile[:2, 3:]).all()
+        assert torch.equal(profile[:2, :3], before[name]["depth_profile"])
+        assert not torch.isnan(profile[2:]).any()
+    # the rows after the change measure the live stage, by an independent computation
+    live = {stage.name: stage for stage in find_stages(backbone)}["stages.1"]
+    expected = smoothness_metrics(stage_parameters(live))[ALL]
+    for metric in METRICS:
+        assert float(history["metrics"][metric][-1, 0]) == pytest.approx(
+            float(expected[metric]), rel=1e-5, nan_ok=True
+        )
+    assert (tmp_path / "version_0" / "smoothness.png").read_bytes()[:4] == b"\x89PNG"
+    figure = smoothness_figure(monitor.history)
+    (heatmap,) = [a for a in figure.axes if a.get_title() == f"{name}: slope in depth"]
+    shapes = [mesh.get_array().shape for mesh in heatmap.collections]
+    if grow is _one_block_grown_into_a_stage:
+        assert shapes == [(3, 4)]
+    else:  # rows of 4 blocks stretched over the axis of 8, on one colour scale
+        assert shapes == [(3, 2), (7, 4)]
+        low, high = (mesh.get_coordinates()[..., 1] for mesh in heatmap.collections)
+        assert (low.min(), low.max()) == (high.min(), high.max()) == (0.5, 7.5)
+        assert heatmap.collections[0].norm is heatmap.collections[1].norm
 
 
 class _Predicting(NestedBackboneModule):
@@ -254,22 +310,25 @@ def test_the_monitor_follows_structure_changes(tmp_path, change):
         assert monitor.history["net.backbone.stages.0"]["step"].tolist() == [1, 2, 3, 4]
         return
     live = smoothness_metrics(stage_parameters(stages["stages.1"]))[ALL]
-    before, after = history["metrics"][0, 0], history["metrics"][-1, 0]
-    for column, metric in enumerate(METRICS):
-        assert float(after[column]) == pytest.approx(float(live[metric]), rel=1e-5)
-    assert float(after[1]) > 2 * float(before[1])  # lipschitz: the change is a large one
+    for metric in METRICS:
+        assert float(history["metrics"][metric][-1, 0]) == pytest.approx(
+            float(live[metric]), rel=1e-5
+        )
+    lipschitz = history["metrics"]["lipschitz"][:, 0]
+    assert float(lipschitz[-1]) > 2 * float(lipschitz[0])  # the change is a large one
 
 
 def _state(**changes) -> dict:
     record = {
         "step": torch.tensor([1, 2]),
+        "depth": torch.tensor([4, 4]),
         "parameters": [ALL, "w"],
-        "metrics": torch.zeros(2, 2, len(METRICS)),
+        "metrics": {metric: torch.zeros(2, 2) for metric in METRICS},
         "depth_profile": torch.zeros(2, 3),
         "probe_step": torch.zeros(0, dtype=torch.int64),
         "depth_consistency": torch.zeros(0),
     }
-    state = {"version": 1, "last_step": 2, "history": {"layer1": record}}
+    state = {"version": 2, "last_step": 2, "history": {"layer1": record}}
     for key, value in changes.items():
         (record if key in record else state)[key] = value
     return state
@@ -283,10 +342,15 @@ def test_load_state_dict_checks_its_input():
     for state, message in [
         ([], "holds 'history', 'last_step' and 'version', got 'list'"),
         ({"version": 1}, "got \\['version'\\]"),
-        (_state(version=2), "state version 2, not 1"),
+        (_state(version=3), "state version 3; this version of resode_lightning reads"),
         (_state(last_step="2"), "'last_step' is an int >= -1, got '2'"),
         (_state(history=[1]), "a smoothness history is a dict of stages, got list"),
-        (_state(metrics=torch.zeros(2, 3, len(METRICS))), r"stage 'layer1': 'metrics' has shape"),
+        (_state(metrics={"lipschitz": torch.zeros(2, 3)}), r"'layer1': 'metrics' 'lipschitz' has"),
+        (_state(metrics=torch.zeros(2, 2, len(METRICS))), "metric names, got Tensor"),
+        (_state(metrics=[1]), "'metrics' is a dict of metric names, got list"),
+        (_state(depth=torch.tensor([4])), r"'depth' holds 2 block counts >= 2, got \[4\]"),
+        (_state(depth=torch.tensor([4, 1])), "'depth' holds 2 block counts"),
+        (_state(depth=torch.tensor([4, 5])), r"'depth_profile' has 4 columns \(the most"),
         (_state(step=torch.tensor([2, 1])), "'step' is not strictly increasing"),
         (_state(step=torch.tensor([1.0, 2.0])), "'step' is an integer 1-d tensor"),
         (_state(parameters=["w", ALL]), "'parameters' starts with 'all'"),

@@ -6,7 +6,7 @@ import torchvision.models as tvm
 from torch import nn
 
 from resode_lightning import find_stages, ode_resnet, register_block
-from resode_lightning.core.blocks import registration_scope
+from resode_lightning.core.registry import registration_scope
 
 
 def depths(model):

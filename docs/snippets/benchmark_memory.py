@@ -2,7 +2,7 @@
 
 import torch
 
-from resode_lightning.memory_benchmark import memory_benchmark
+from resode_lightning.apps.memory_benchmark import memory_benchmark
 
 device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU: a peak-RSS proxy (Linux only)
 if device == "cpu":

@@ -4,7 +4,7 @@ import torch
 
 from resode_lightning import export_neural_ode, load_neural_ode, ode_resnet, save_neural_ode
 
-model = ode_resnet(depths=(8, 8), widths=(16, 32), init="tied", seed=0).eval()  # or your ResNet
+model = ode_resnet(depths=(8, 8), widths=(16, 32), init="smooth", seed=0).eval()  # or your ResNet
 x = torch.randn(4, 3, 32, 32)
 
 ode = export_neural_ode(model)  # Euler on the original grid: the same outputs

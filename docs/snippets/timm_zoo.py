@@ -11,7 +11,8 @@ from resode_lightning import (
     to_ode_form,
 )
 
-net = timm.create_model("resnet34d", num_classes=10).eval()
+# zero_init_last=False: random last norms, so that the branches are not zero at init
+net = timm.create_model("resnet34d", num_classes=10, zero_init_last=False).eval()
 print(find_stages(net))  # layer1 … layer4: 3, 3, 5 and 2 identity blocks
 same = to_ode_form(net)  # branches × 1/L, last norm of each branch × L: the same function
 ode = export_neural_ode(net)  # Euler, one step per block: the same outputs

@@ -11,14 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.types import STEP_OUTPUT
 from torch import nn
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
 from resode_lightning.core.blocks import BlockAdapterError
-from resode_lightning.core.files import writable_target
+from resode_lightning.core.io.atomic import writable_target
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export.build import export_neural_ode
 from resode_lightning.export.options import ExportOptions
@@ -51,8 +53,9 @@ class NeuralODEExport(Callback):
 
     Raises:
         ValueError: at construction, for an invalid export option; at setup of ``fit``, when
-            the network is not found or cannot be exported with these options, or ``path`` is
-            a directory.
+            the network is not found or cannot be exported with these options, or ``path``
+            cannot be written (a directory, a special file, a folder that is read-only or
+            cannot be created).
 
     Example::
 
@@ -75,11 +78,11 @@ class NeuralODEExport(Callback):
         self.submodule = submodule
         self.options = (options or ExportOptions()).replace(**overrides)
         self.network_name: str | None = None
-        self._parameters: list[torch.Tensor] = []
+        self._floating_parameters: list[torch.Tensor] = []
         self._first_non_finite: torch.Tensor | None = None
 
     @override
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self.network_name = self._find(pl_module)
@@ -96,12 +99,16 @@ class NeuralODEExport(Callback):
         if trainer.is_global_zero:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                writable_target(self.path)
-            except (OSError, ValueError) as error:
+            except OSError as error:
                 raise ValueError(
-                    f"NeuralODEExport: cannot write {str(self.path)!r}: {error}"
+                    f"NeuralODEExport: cannot write {str(self.path)!r}: creating its folder "
+                    f"failed ({error})"
                 ) from None
-        self._parameters = [p for p in network.parameters() if p.is_floating_point()]
+            try:
+                writable_target(self.path)
+            except (OSError, ValueError) as error:  # its messages name the path
+                raise ValueError(f"NeuralODEExport: {error}") from None
+        self._floating_parameters = [p for p in network.parameters() if p.is_floating_point()]
         self._first_non_finite = None
 
     def _find(self, pl_module: nn.Module) -> str:
@@ -131,11 +138,18 @@ class NeuralODEExport(Callback):
         )
 
     @override
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         # the first step whose weights are not finite, kept on the device: no host sync here
-        if not self._parameters:
+        if not self._floating_parameters:
             return
-        largest = torch.nn.utils.get_total_norm(self._parameters, norm_type=math.inf)
+        largest = torch.nn.utils.get_total_norm(self._floating_parameters, norm_type=math.inf)
         step = torch.full((), trainer.global_step, device=largest.device)
         if self._first_non_finite is None:
             self._first_non_finite = torch.full((), -1, device=largest.device)
@@ -143,7 +157,7 @@ class NeuralODEExport(Callback):
         self._first_non_finite = torch.where(fresh, step, self._first_non_finite)
 
     @override
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         network = pl_module.get_submodule(self.network_name)

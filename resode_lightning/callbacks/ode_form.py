@@ -14,6 +14,7 @@ import math
 import warnings
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -23,11 +24,11 @@ from resode_lightning._lightning import Callback
 from resode_lightning.core.odeform import (
     convert_stage,
     convert_state_dict,
+    gains,
     refresh_steps,
-    rescale_optimizer_state,
-    rescaled_keys,
     unconvert_state_dict,
 )
+from resode_lightning.core.optimizer_state import rescale_optimizer_state
 from resode_lightning.core.stages import find_stages
 from resode_lightning.core.step import named_parameters_by_key
 
@@ -107,7 +108,7 @@ class ODEForm(Callback):
         self._module: nn.Module | None = None
 
     @override
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._convert(pl_module)
         self._remove_restore_hook()
         self._converted.clear()
@@ -131,11 +132,11 @@ class ODEForm(Callback):
             )
 
     @override
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._converted.update(self._convert(pl_module))
 
     @override
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._converted.update(self._convert(pl_module))
         parameters = named_parameters_by_key(pl_module)
         factors = {parameters[n]: c for n, c in self._converted.items() if n in parameters}
@@ -154,27 +155,31 @@ class ODEForm(Callback):
                 ) from error
 
     @override
-    def on_validation_start(self, trainer, pl_module) -> None:
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._converted.update(self._convert(pl_module))
 
     @override
-    def on_test_start(self, trainer, pl_module) -> None:
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._converted.update(self._convert(pl_module))
 
     @override
-    def on_predict_start(self, trainer, pl_module) -> None:
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._converted.update(self._convert(pl_module))
 
     @override
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._end()
 
     @override
-    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._end()
 
     @override
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         state = checkpoint.get("state_dict")
         markers = _marked(pl_module)
         if not isinstance(state, dict) or not markers:
@@ -233,17 +238,17 @@ class ODEForm(Callback):
                 )
             if stage.is_ode_form:
                 plain = self._loaded_plain  # the restore hook converted them as they loaded
-                if any(k not in plain for k in rescaled_keys(module, stage)):
+                if any(k not in plain for k in gains(module, stage)):
                     continue  # not loaded plain: left as loaded
                 stage.container._buffers[stage.marker].fill_(float(horizon))
             else:  # the module adopted the plain form as it loaded
                 convert_stage(stage, float(horizon), rescale=False)
-                plain = {k: tensors[k].detach().clone() for k in rescaled_keys(module, stage)}
+                plain = {k: tensors[k].detach().clone() for k in gains(module, stage)}
             _mark(stage)
             refresh_steps(module)
             step = stage.step
             with torch.no_grad():
-                for name, factor in rescaled_keys(module, stage).items():
+                for name, factor in gains(module, stage).items():
                     value = exact.get(name)
                     if not (
                         isinstance(value, Tensor)
@@ -269,7 +274,7 @@ class ODEForm(Callback):
             if not residual_stage.is_ode_form:
                 convert_stage(residual_stage, self.horizon)
                 _mark(residual_stage)
-                converted.update(rescaled_keys(pl_module, residual_stage))
+                converted.update(gains(pl_module, residual_stage))
         refresh_steps(pl_module)
         return converted
 

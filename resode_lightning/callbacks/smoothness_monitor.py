@@ -9,11 +9,14 @@ loggers.
 from __future__ import annotations
 
 import os
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -25,6 +28,8 @@ from resode_lightning.core.watch import WatchedStage, stage_inputs, watch_stages
 
 PREFIX = "smoothness"
 PLOT_NAME = "smoothness.png"
+STATE_VERSION = 2
+"""Version of the checkpoint state: 2 keys metrics by name; version 1 states are converted."""
 _FLUSH_EVERY = 1024
 
 
@@ -33,8 +38,9 @@ class SmoothnessMonitor(Callback):
 
     The stages of the LightningModule (torchvision ResNets under any attribute, ODE-form
     models, :func:`~resode_lightning.ode_resnet`, registered block types) are found when
-    fitting starts, and again whenever one of them changes (a block, a layer or a parameter
-    replaced, the container replaced or its children changed). They are measured every
+    fitting starts, and again whenever the module changes (a block, a layer or a parameter
+    replaced, a stage resampled or grown to another depth, a module added or removed), which
+    is told from object identities alone. They are measured every
     ``every_n_steps`` optimizer steps, on the parameters' device, in the ODE parametrisation
     (so values are comparable between plain and ODE-form models and across depths), without
     synchronising with the GPU.
@@ -49,10 +55,12 @@ class SmoothnessMonitor(Callback):
 
     The history of every measurement (metrics and depth profiles ``||θ_{k+1} - θ_k||``) is
     the callback's state: it is saved in Lightning checkpoints and a resumed run continues
-    it. At the end of fitting, rank 0 draws it (:func:`~resode_lightning.plot_smoothness`)
-    into ``smoothness.png`` in the logger's directory (``default_root_dir`` without logger),
-    and logs the figure to the loggers that take images (TensorBoard, Weights & Biases,
-    MLflow).
+    it. Metrics are saved by name, so a checkpoint written before a metric was added resumes
+    (that metric is NaN in its rows); a stage whose depth changes keeps its earlier rows, each
+    with the depth it was measured at. At the end of fitting, rank 0 draws it
+    (:func:`~resode_lightning.plot_smoothness`) into ``smoothness.png`` in the logger's
+    directory (``default_root_dir`` without logger), and logs the figure to the loggers that
+    take images (TensorBoard, Weights & Biases, MLflow).
 
     Logged metrics (``STAGE`` is the stage name, e.g. ``layer3`` or ``model.net.layer3``;
     ``METRIC`` is one of ``weight_norm``, ``lipschitz``, ``total_variation``,
@@ -117,13 +125,14 @@ class SmoothnessMonitor(Callback):
         self.plot = plot
         self._interval = every_n_steps or 0
         self._watched: list[WatchedStage] | None = None
+        self._modules: list[nn.Module] = []
         self._last_step = -1
         self._history = SmoothnessHistory()
         self._probe_input: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # the watched stages hold the model's tensors and adapters; they are found again
-        return {**self.__dict__, "_watched": None}
+        return {**self.__dict__, "_watched": None, "_modules": []}
 
     @property
     @override
@@ -145,11 +154,11 @@ class SmoothnessMonitor(Callback):
         return self._history.state_dict()
 
     @override
-    def setup(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         try:
-            self._watched = watch_stages(pl_module)
+            self._watch(pl_module)
         except ValueError as error:
             raise ValueError(f"SmoothnessMonitor: {error}") from None
         if self.every_n_steps is None:
@@ -162,7 +171,14 @@ class SmoothnessMonitor(Callback):
             )
 
     @override
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         step = trainer.global_step
         if self._interval and step != self._last_step and step % self._interval == 0:
             self._measure(pl_module, step, on_step=True)
@@ -171,14 +187,19 @@ class SmoothnessMonitor(Callback):
             self._flush(trainer)
 
     @override
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.on_epoch_end and trainer.global_step != self._last_step:
             self._measure(pl_module, trainer.global_step, on_step=False)
         self._flush(trainer)
 
     @override
     def on_validation_batch_start(
-        self, trainer, pl_module, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         wanted = self.probe_every_n_epochs is not None and self._probe_input is None
         if not wanted or trainer.state.fn != "fit":
@@ -194,7 +215,7 @@ class SmoothnessMonitor(Callback):
         self._probe_input = trainer.strategy.broadcast(x, src=0)
 
     @override
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self.probe_every_n_epochs
         if every is None or trainer.sanity_checking or self._probe_input is None:
             return
@@ -206,7 +227,7 @@ class SmoothnessMonitor(Callback):
         self._history.add_probe(trainer.global_step, values)
 
     @override
-    def on_fit_end(self, trainer, pl_module) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush(trainer)
         if self._last_step == -1 and trainer.global_step > 0 and not trainer.fast_dev_run:
             rank_zero_warn(
@@ -226,7 +247,11 @@ class SmoothnessMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "last_step": self._last_step, "history": self._history.state_dict()}
+        return {
+            "version": STATE_VERSION,
+            "last_step": self._last_step,
+            "history": self._history.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -237,8 +262,11 @@ class SmoothnessMonitor(Callback):
                 f"'version', got {keys!r}"
             )
         version, last_step = state_dict["version"], state_dict["last_step"]
-        if version != 1:
-            raise ValueError(f"SmoothnessMonitor: checkpoint state version {version!r}, not 1")
+        if type(version) is not int or not 1 <= version <= STATE_VERSION:
+            raise ValueError(
+                f"SmoothnessMonitor: checkpoint state version {version!r}; this version of "
+                f"resode_lightning reads versions 1 to {STATE_VERSION} (a newer one wrote it?)"
+            )
         if isinstance(last_step, bool) or not isinstance(last_step, int) or last_step < -1:
             raise ValueError(
                 f"SmoothnessMonitor: checkpoint 'last_step' is an int >= -1, got {last_step!r}"
@@ -249,24 +277,36 @@ class SmoothnessMonitor(Callback):
             raise ValueError(f"SmoothnessMonitor: checkpoint state: {error}") from None
         self._last_step = last_step
 
-    def _stages(self, pl_module) -> list[WatchedStage]:
+    def _watch(self, pl_module: nn.Module) -> list[WatchedStage]:
+        """Find the stages of ``pl_module`` and remember every module it holds now."""
+        self._modules = list(pl_module.modules())
+        self._watched = watch_stages(pl_module)
+        return self._watched
+
+    def _stages(self, pl_module: nn.Module) -> list[WatchedStage]:
+        """The watched stages, found again if the module changed since (no tensor is read)."""
         watched = self._watched
-        if watched is None or not all(stage.is_current() for stage in watched):
+        modules = pl_module.modules()
+        unchanged = (
+            watched is not None
+            and all(a is b for a, b in zip_longest(modules, self._modules))
+            and all(stage.is_current() for stage in watched)
+        )
+        if not unchanged:
             try:
-                watched = watch_stages(pl_module)
+                watched = self._watch(pl_module)
             except ValueError:
                 rank_zero_warn("SmoothnessMonitor: the module has no residual stage left")
-                watched = []
-            self._watched = watched
+                watched = self._watched = []
         return watched
 
-    def _measure(self, pl_module, step: int, *, on_step: bool) -> None:
+    def _measure(self, pl_module: pl.LightningModule, step: int, *, on_step: bool) -> None:
         self._last_step = step
         measurements = []
         with torch.no_grad():
             for watched in self._stages(pl_module):
                 name = watched.stage.name
-                table, profile = metric_table(watched.tensors, watched.scale)
+                table, profile = metric_table(watched.tensors, watched.lifts)
                 measurements.append(Measurement(name, watched.names, table, profile))
                 for column, metric in enumerate(METRICS):
                     pl_module.log(
@@ -279,7 +319,7 @@ class SmoothnessMonitor(Callback):
         if measurements:
             self._history.append(step, measurements)
 
-    def _flush(self, trainer) -> None:
+    def _flush(self, trainer: pl.Trainer) -> None:
         """Hand the measurements pending since the last flush to the loggers (one host sync)."""
         drained = self._history.drain()
         report = [
@@ -306,7 +346,7 @@ class SmoothnessMonitor(Callback):
         for logger in trainer.loggers:
             logger.save()
 
-    def _probe(self, pl_module) -> dict[str, Tensor]:
+    def _probe(self, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         stages = [watched.stage for watched in self._stages(pl_module)]
         with torch.inference_mode(False):
             x = self._probe_input.to(pl_module.device, copy=True)
@@ -354,7 +394,7 @@ def _first_tensor(batch: Any) -> Tensor | None:
     return None
 
 
-def _log_dir(trainer) -> str | os.PathLike:
+def _log_dir(trainer: pl.Trainer) -> str | os.PathLike:
     logger = trainer.logger
     for attribute in ("log_dir", "save_dir"):
         directory = getattr(logger, attribute, None) if logger is not None else None

@@ -1,6 +1,8 @@
 """The ``resode`` command: one entry point, one module per subcommand.
 
 Each subcommand module exposes ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.
+The command is documented by its ``--help``; the modules are internal: the promised API of the
+package is the top-level ``resode_lightning``.
 """
 
 from __future__ import annotations

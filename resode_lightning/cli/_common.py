@@ -1,4 +1,4 @@
-"""What several subcommands share: a torchvision ResNet from a checkpoint, an output check,
+"""What several subcommands share: the model of ``--arch`` from a checkpoint, an output check,
 argument types."""
 
 from __future__ import annotations
@@ -11,13 +11,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from resode_lightning.core.files import (
-    CheckpointError,
-    load_into,
-    load_state_dict_file,
-    strip_prefix,
-)
+from resode_lightning.cli.architecture import FORMS, Architecture, architecture
+from resode_lightning.core.io.checkpoint import load_state_dict_file
+from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.core.models import TORCHVISION_RESNETS, torchvision_resnet
+from resode_lightning.core.odeform import strip_prefix
 from resode_lightning.core.stages import MARKER
 
 MAX_CLASSES = 100_000
@@ -47,52 +45,44 @@ def json_object(text: str) -> dict[str, object]:
     return value
 
 
-def load_torchvision(path: str, arch: str | None, *, max_classes: int) -> tuple[nn.Module, str]:
-    """The torchvision ResNet stored in ``path`` and its architecture, in eval mode.
+def add_architecture(parser: argparse.ArgumentParser, *, inferred: bool) -> None:
+    """``--arch`` and ``--arch-kwargs``, the one architecture spec of every subcommand."""
+    parser.add_argument(
+        "--arch",
+        type=architecture,
+        required=not inferred,
+        help=f"architecture: {FORMS}"
+        + (" (default: the torchvision ResNet the checkpoint's keys and shapes fit)" * inferred),
+    )
+    parser.add_argument(
+        "--arch-kwargs",
+        type=json_object,
+        default={},
+        help='JSON keyword arguments of the builder, e.g. \'{"depths": [16], "widths": [16]}\'',
+    )
 
-    Args:
-        path: a state dict file (see :func:`~resode_lightning.load_state_dict_file`).
-        arch: the architecture; inferred from the keys and shapes when ``None``.
-        max_classes: the most classes the head may declare.
+
+def load_model(
+    path: str, arch: Architecture | None, kwargs: Mapping[str, object], *, max_classes: int
+) -> tuple[nn.Module, Architecture]:
+    """The model that ``arch`` (inferred among torchvision ResNets when ``None``) builds with
+    ``kwargs``, loaded from ``path``, in eval mode, and its architecture.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CheckpointError: the file is unreadable, holds NaN or inf, or does not fit ``arch``;
             the message names the file.
+        ValueError: the builder refuses ``kwargs``.
     """
     state_dict = load_state_dict_file(path)
     try:
         for key, value in state_dict.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"{key!r} holds NaN or inf values")
-        arch = arch or infer_arch(state_dict)
-        return torchvision_from_state_dict(state_dict, arch, max_classes=max_classes), arch
-    except ValueError as error:  # CheckpointError included
+        arch = arch or architecture(infer_arch(state_dict))
+        return arch.build(kwargs, state_dict, max_classes=max_classes), arch
+    except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
-
-
-def torchvision_from_state_dict(
-    state_dict: dict[str, Tensor], arch: str, *, max_classes: int = MAX_CLASSES
-) -> nn.Module:
-    """A torchvision ``arch`` with the head size and weights of ``state_dict``, in eval mode.
-
-    Raises:
-        ValueError: the head is missing or declares more than ``max_classes`` classes
-            (checked before the model is built); the keys or shapes do not match
-            (:class:`~resode_lightning.CheckpointError`).
-    """
-    heads = [(k, v) for k, v in state_dict.items() if k.endswith("fc.weight") and v.dim() == 2]
-    if not heads:
-        raise ValueError(f"the checkpoint has no 'fc.weight' key: it is not a {arch} state dict")
-    key, head = heads[0]
-    classes = head.shape[0]
-    if classes > max_classes:
-        raise ValueError(
-            f"{key!r} declares {classes:,} classes, more than --max-classes {max_classes:,}; "
-            f"pass a larger --max-classes if that is intended"
-        )
-    model = torchvision_resnet(arch, num_classes=classes)
-    return load_into(model, state_dict).eval()
 
 
 @functools.cache
@@ -137,8 +127,17 @@ def output_change(reference: nn.Module, model: nn.Module, size: int = 64) -> flo
 
     The absolute change when the reference output is all zeros; NaN when an output is.
     """
-    batch = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    batch = probe_batch(reference, size, seed=0)
     expected = reference.eval()(batch)
     change = (model.eval()(batch) - expected).abs().max()
     scale = expected.abs().max()
     return float(change / scale if scale > 0 else change)
+
+
+def probe_batch(model: nn.Module, size: int, *, seed: int) -> Tensor:
+    """A fixed random batch of two inputs for ``model``: the channels of its first convolution,
+    ``size`` pixels a side (and 8 frames for a video model)."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    channels, dims = (3, 2) if conv is None else (conv.in_channels, len(conv.kernel_size))
+    shape = (2, channels, *[8] * (dims == 3), *[size] * min(dims, 2))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from resode_lightning.memory_benchmark import MODES, memory_benchmark
+from resode_lightning.apps.memory_benchmark import MODES, memory_benchmark
 
 HELP = "peak memory and time of one training step: ResNet stage vs neural ODE gradient modes"
 MAX_STATE_BYTES = 2**30

@@ -1,4 +1,4 @@
-"""Convert a torchvision ResNet checkpoint to ODE form (same function, rescaled stages).
+"""Convert a ResNet checkpoint to ODE form (same function, rescaled stages).
 
 Nothing is written unless the converted model computes the original function: the maximum
 relative change of the output on a random batch must be finite and at most --tolerance.
@@ -10,24 +10,23 @@ import argparse
 import math
 import time
 
+import torch
+
 from resode_lightning.cli._common import (
+    add_architecture,
     add_max_classes,
-    load_torchvision,
+    load_model,
     output_change,
-    skeleton,
 )
-from resode_lightning.core.files import atomic_save, writable_target
-from resode_lightning.core.models import TORCHVISION_RESNETS
+from resode_lightning.core.io.atomic import atomic_save, writable_target
 from resode_lightning.core.odeform import check_step, to_ode_form
 from resode_lightning.core.stages import find_stages
 
-HELP = "convert a torchvision ResNet checkpoint (.pth/.ckpt) to ODE form"
+HELP = "convert a ResNet checkpoint (.pth/.ckpt) to ODE form"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--arch", required=True, choices=TORCHVISION_RESNETS, help="torchvision architecture"
-    )
+    add_architecture(parser, inferred=True)
     parser.add_argument(
         "--weights", required=True, help="input state dict (.pth, Lightning .ckpt, .safetensors)"
     )
@@ -48,10 +47,14 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if not (math.isfinite(args.horizon) and args.horizon > 0):
         raise ValueError(f"--horizon must be a finite positive number, got {args.horizon!r}")
-    for stage in find_stages(skeleton(args.arch)):  # before any work: a horizon they can use
-        check_step(args.horizon, stage)
+    if args.arch is not None and args.arch.family != "user":  # before any work
+        with torch.device("meta"):
+            _check_horizon(args.horizon, args.arch.call(**args.arch_kwargs))
     writable_target(args.out)
-    model, _ = load_torchvision(args.weights, args.arch, max_classes=args.max_classes)
+    model, arch = load_model(
+        args.weights, args.arch, args.arch_kwargs, max_classes=args.max_classes
+    )
+    _check_horizon(args.horizon, model)
     converted = to_ode_form(model, horizon=args.horizon)
     error = output_change(model, converted)
     if not error <= args.tolerance:
@@ -62,8 +65,14 @@ def run(args: argparse.Namespace) -> int:
         )
     atomic_save(converted.state_dict(), args.out)
     print(
-        f"converted {args.arch} to ODE form (horizon {args.horizon:g}): max relative output "
+        f"converted {arch.spec} to ODE form (horizon {args.horizon:g}): max relative output "
         f"change {error:.2e} on a random batch, {time.perf_counter() - started:.1f} s; "
         f"wrote {args.out}"
     )
     return 0
+
+
+def _check_horizon(horizon: float, model: torch.nn.Module) -> None:
+    """Raise ``ValueError`` unless every stage of ``model`` can take a step of ``horizon / L``."""
+    for stage in find_stages(model):
+        check_step(horizon, stage)

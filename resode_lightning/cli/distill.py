@@ -15,27 +15,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from resode_lightning.cli._common import json_object
+from resode_lightning.cli._common import add_architecture
 from resode_lightning.cli.bench import check_device, device_name
-from resode_lightning.core.files import (
-    CheckpointError,
-    load_into,
-    load_state_dict_file,
-    strip_prefix,
-    writable_target,
-)
+from resode_lightning.core.io.atomic import writable_target
+from resode_lightning.core.io.checkpoint import load_state_dict_file
+from resode_lightning.core.io.errors import CheckpointError
+from resode_lightning.core.odeform import load_into, strip_prefix
 from resode_lightning.data.base import ImageDataModule
 from resode_lightning.export.anytime import accuracy_vs_steps
 from resode_lightning.export.distill import MAX_LR, check_settings, distill_depth
 from resode_lightning.export.serialization import save_neural_ode
-from resode_lightning.lit.classifier import BACKBONES, build_backbone
+from resode_lightning.lit.classifier import build_backbone
 
 HELP = "fine-tune a trained ResNet into a neural ODE that runs at any number of steps"
 RESERVED = {
-    "timm": ("num_classes", "in_chans", "pretrained"),
+    "torchvision": ("num_classes",),
     "ode_resnet": ("num_classes", "in_channels"),
+    "timm": ("num_classes", "in_chans", "pretrained"),
+    "user": (),
 }
-"""Builder arguments set from ``--data`` (per builder; torchvision ResNets: ``num_classes``)."""
+"""Builder arguments set from ``--data``, per family of ``--arch``."""
 BUILD_ERRORS = (
     TypeError,
     ValueError,
@@ -50,17 +49,7 @@ cannot use."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--arch",
-        required=True,
-        help=f"architecture: one of {', '.join(BACKBONES)}, or timm:<name> (timm installed)",
-    )
-    parser.add_argument(
-        "--arch-kwargs",
-        type=json_object,
-        default={},
-        help='JSON keyword arguments of the builder, e.g. \'{"depths": [16], "widths": [16]}\'',
-    )
+    add_architecture(parser, inferred=False)
     parser.add_argument(
         "--weights", required=True, help="trained state dict (.pth, Lightning .ckpt, .safetensors)"
     )
@@ -147,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             f"{row['latency_ms']:8.2f} ms {row['latency_ratio']:6.2f}"
         )
     print(
-        f"distilled {args.arch} in {time.perf_counter() - started:.0f} s (validation split "
+        f"distilled {args.arch.spec} in {time.perf_counter() - started:.0f} s (validation split "
         f"above); wrote {args.out}; choose a budget with resode_lightning.set_steps"
     )
     return 0
@@ -171,29 +160,10 @@ def _check_arguments(args: argparse.Namespace, checkpoint: str) -> None:
         label_weight=args.label_weight,
     )
     check_device(args.device)
-    _check_arch(args.arch)
     out, progress = writable_target(args.out), writable_target(checkpoint)
     if os.path.realpath(out) == os.path.realpath(progress):
         raise ValueError(
             f"--checkpoint {checkpoint} is the --out file; give the progress file another path"
-        )
-
-
-def _check_arch(arch: str) -> None:
-    """Raise ``ValueError`` unless ``arch`` names a backbone or a model of the installed timm."""
-    if arch.startswith("timm:"):
-        try:
-            import timm
-        except ImportError:
-            raise ValueError(f"--arch {arch} needs timm: pip install timm") from None
-        if not timm.is_model(arch.removeprefix("timm:")):
-            raise ValueError(
-                f"--arch {arch}: timm {timm.__version__} has no such model; see "
-                f"timm.list_models() for the names"
-            )
-    elif arch not in BACKBONES:
-        raise ValueError(
-            f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)} or timm:<name>"
         )
 
 
@@ -227,8 +197,7 @@ def _source(args: argparse.Namespace, data: ImageDataModule) -> nn.Module:
             the input channels), or the builder refuses them; the message names them.
         CheckpointError, OSError: ``--weights`` is missing, unreadable or does not fit.
     """
-    builder = "timm" if args.arch.startswith("timm:") else args.arch
-    reserved = sorted(set(args.arch_kwargs) & set(RESERVED.get(builder, ("num_classes",))))
+    reserved = sorted(set(args.arch_kwargs) & set(RESERVED[args.arch.family]))
     if reserved:
         raise ValueError(
             f"--arch-kwargs sets {', '.join(reserved)}, which --data decides; remove it"
@@ -239,26 +208,19 @@ def _source(args: argparse.Namespace, data: ImageDataModule) -> nn.Module:
         raise
     except BUILD_ERRORS as error:
         raise ValueError(
-            f"--arch {args.arch} cannot be built with --arch-kwargs "
+            f"--arch {args.arch.spec} cannot be built with --arch-kwargs "
             f"{json.dumps(args.arch_kwargs)}: {error}"
         ) from None
 
 
 def _build(args: argparse.Namespace, data: ImageDataModule) -> nn.Module:
     """``--arch`` built with ``--arch-kwargs`` for ``data``, loaded from ``--weights``."""
-    if args.arch.startswith("timm:"):
-        import timm
-
-        model = timm.create_model(
-            args.arch.removeprefix("timm:"),
-            pretrained=False,
-            num_classes=data.num_classes,
-            in_chans=data.channels,
-            **args.arch_kwargs,
-        )
+    if args.arch.family in ("timm", "user"):
+        sizes = {"num_classes": data.num_classes, "in_chans": data.channels}
+        model = args.arch.call(**args.arch_kwargs, **(sizes if args.arch.family == "timm" else {}))
         state = load_state_dict_file(args.weights)
         return load_into(model, strip_prefix(state, model))
     with torch.random.fork_rng():
         return build_backbone(
-            args.arch, args.arch_kwargs, data.num_classes, data.channels, args.weights
+            args.arch.spec, args.arch_kwargs, data.num_classes, data.channels, args.weights
         )

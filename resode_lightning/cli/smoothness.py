@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from resode_lightning.cli._common import add_max_classes, load_torchvision
+from resode_lightning.cli._common import add_architecture, add_max_classes, load_model
 from resode_lightning.core.metrics import METRICS, smoothness_report
-from resode_lightning.core.models import TORCHVISION_RESNETS
 
 HELP = "print the per-stage weight smoothness of a ResNet checkpoint (.pth/.ckpt)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="state dict (.pth, Lightning .ckpt, .safetensors)")
-    parser.add_argument(
-        "--arch", choices=TORCHVISION_RESNETS, help="torchvision architecture (default: inferred)"
-    )
+    add_architecture(parser, inferred=True)
     parser.add_argument(
         "--per-parameter", action="store_true", help="one row per parameter name as well"
     )
@@ -24,9 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, arch = load_torchvision(args.checkpoint, args.arch, max_classes=args.max_classes)
+    model, arch = load_model(
+        args.checkpoint, args.arch, args.arch_kwargs, max_classes=args.max_classes
+    )
     rows = smoothness_report(model, per_parameter=args.per_parameter)
-    print(f"{args.checkpoint}: {arch}, metrics in the ODE parametrisation")
+    print(f"{args.checkpoint}: {arch.spec}, metrics in the ODE parametrisation")
     print(format_table(rows))
     return 0
 

@@ -1,6 +1,7 @@
 """Pure PyTorch core: everything the package computes, with no Lightning.
 
-Its API, by module (the callbacks, the CLI and the export build on these):
+Internal: the promised API is the top-level ``resode_lightning``; names here may move. The
+modules (the callbacks, the CLI and the export build on these):
 
 - ``blocks``: block adapters (:func:`register_block`, :func:`registered_blocks`,
   :func:`registration_scope`, :class:`BlockAdapterError`); ``adapters/``: the built-in ones.
@@ -18,20 +19,11 @@ Its API, by module (the callbacks, the CLI and the export build on these):
   :class:`CheckpointError`) and atomic writes (:func:`atomic_save`, :func:`atomic_write`).
 """
 
-from resode_lightning.core.blocks import (
-    BlockAdapterError,
-    register_block,
-    registered_blocks,
-    registration_scope,
-)
-from resode_lightning.core.files import (
-    CheckpointError,
-    atomic_save,
-    atomic_write,
-    load_into,
-    load_state_dict_file,
-)
+from resode_lightning.core.blocks import BlockAdapterError
 from resode_lightning.core.history import Measurement, SmoothnessHistory
+from resode_lightning.core.io.atomic import atomic_save, atomic_write
+from resode_lightning.core.io.checkpoint import load_state_dict_file
+from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.core.metrics import (
     depth_consistency,
     metric_table,
@@ -39,7 +31,9 @@ from resode_lightning.core.metrics import (
     smoothness_report,
 )
 from resode_lightning.core.models import PreActBlock, ode_resnet
-from resode_lightning.core.odeform import from_ode_form, is_ode_form, resample_depth, to_ode_form
+from resode_lightning.core.odeform import from_ode_form, is_ode_form, load_into, to_ode_form
+from resode_lightning.core.registry import register_block, registered_blocks, registration_scope
+from resode_lightning.core.resample import resample_depth
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.core.watch import WatchedStage, watch_stages
 

@@ -102,7 +102,7 @@ class _Skip(nn.Module):
         return x
 
 
-def _step(
+def interpolated_call(
     block: nn.Module,
     following: nn.Module,
     weight: float,
@@ -111,7 +111,10 @@ def _step(
 ) -> Tensor:
     """``block`` applied to ``x`` with every floating tensor interpolated towards
     ``following``'s by ``weight`` (differentiably in both), its BatchNorms normalising with
-    their ``statistics`` (interpolated alike) where recorded, else with their running ones."""
+    their ``statistics`` (interpolated alike) where recorded, else with their running ones.
+
+    ``block`` and ``following`` are modules of one structure (two blocks of a stage, or the
+    same wrapper around each, such as one calling the block's residual branch)."""
     if weight == 0 and not statistics:
         return block(x)
     theirs = dict(following.named_parameters()) | dict(following.named_buffers())
@@ -161,7 +164,7 @@ class _CoarseStage(nn.Module):
                 if offset is not None:
                     set_block_step(block, adapter, step)
                     following = self.blocks[k + 1] if offset else block
-                    x = _step(block, following, offset, self.statistics, x)
+                    x = interpolated_call(block, following, offset, self.statistics, x)
         finally:
             for block in self.blocks:
                 set_block_step(block, adapter, self.stage.step)
@@ -204,10 +207,19 @@ def coarse_steps(stage: Stage, steps: int, statistics: Statistics | None = None)
     if steps == stage.depth:
         yield
         return
+    with stage_replaced(stage, _CoarseStage(stage, steps, statistics)):
+        yield
+
+
+@contextmanager
+def stage_replaced(stage: Stage, module: nn.Module) -> Iterator[None]:
+    """Inside the ``with`` block, ``module`` runs in place of ``stage``'s blocks: it takes the
+    first block's place in the container and the other blocks' places are the identity (the
+    blocks stay in the model, unused, so their parameters keep their names)."""
     container, blocks = stage.container, stage.blocks
     names = [list(container._modules)[i] for i in stage.indices]
     try:
-        container._modules[names[0]] = _CoarseStage(stage, steps, statistics)
+        container._modules[names[0]] = module
         for name, block in zip(names[1:], blocks[1:]):
             container._modules[name] = _Skip(block)
         yield

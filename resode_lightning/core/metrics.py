@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from resode_lightning.core.odeform import blocks_at_depth, stage_parameters
+from resode_lightning.core.parameters import stage_parameters
+from resode_lightning.core.resample import blocks_at_depth
 from resode_lightning.core.stages import Stage, find_stages, run_stage
 
 METRICS: tuple[str, ...] = (
@@ -45,11 +46,12 @@ def squared_profiles(stacked: Mapping[str, Tensor]) -> dict[str, tuple[Tensor, T
         stacked: ``{name: tensor of shape (L, *shape)}``, one row per block.
 
     Returns:
-        ``{name: (norms² (L,), first² (L-1,), second² (L-2,))}`` in float32 or wider.
+        ``{name: (norms² (L,), first² (L-1,), second² (L-2,))}`` in float32 or wider,
+        differentiable in ``stacked`` (a roughness penalty backpropagates through them).
     """
     profiles: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     for name, values in stacked.items():
-        flat = values.detach().reshape(values.shape[0], -1)
+        flat = values.reshape(values.shape[0], -1)
         if not flat.is_floating_point() or flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
         first = flat[1:] - flat[:-1]
@@ -104,7 +106,7 @@ def smoothness_metrics(stacked: Mapping[str, Tensor]) -> dict[str, dict[str, Ten
 
 @torch.no_grad()
 def metric_table(
-    tensors: Mapping[str, Sequence[Tensor]], scale: Mapping[str, float] | None = None
+    tensors: Mapping[str, Sequence[Tensor]], lifts: Mapping[str, float] | None = None
 ) -> tuple[Tensor, Tensor]:
     """All metrics of one stage at once, from per-name lists of block tensors.
 
@@ -114,7 +116,8 @@ def metric_table(
 
     Args:
         tensors: ``{name: [θ_1, …, θ_L]}``, the same ``L >= 2`` for every name.
-        scale: ``{name: factor}``: ``θ`` counts as ``factor · θ`` (ODE parametrisation).
+        lifts: ``{name: lift}``: ``θ`` counts as ``lift · θ`` (ODE parametrisation; see
+            :func:`~resode_lightning.core.parameters.ode_lifts`).
 
     Returns:
         ``(table, profile)``: ``table`` of shape ``(1 + len(tensors), len(METRICS))`` in float32,
@@ -127,8 +130,8 @@ def metric_table(
     depth = len(tensors[names[0]])
     if depth < 2 or any(len(tensors[name]) != depth for name in names):
         raise ValueError(f"every name needs the same number (>= 2) of blocks, got {depth}")
-    scale = scale or {}
-    factors = [abs(scale.get(name, 1.0)) for name in names]
+    lifts = lifts or {}
+    factors = [abs(lifts.get(name, 1.0)) for name in names]
     rows = len(names)
 
     def norms(values: list[Tensor], count: int) -> Tensor:

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from resode_lightning.core.blocks import register_block
 from resode_lightning.core.odeform import convert_stage
+from resode_lightning.core.registry import register_block
 from resode_lightning.core.stages import find_stages
 
 Init = Literal["tied", "smooth", "iid"]

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from resode_lightning.core.files import atomic_write
 from resode_lightning.core.history import SmoothnessHistory
+from resode_lightning.core.io.atomic import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -20,8 +21,11 @@ if TYPE_CHECKING:
 def smoothness_figure(history: SmoothnessHistory | Mapping[str, Mapping[str, Any]]) -> Figure:
     """A matplotlib figure of a smoothness history, one row of panels per stage.
 
-    Left: heatmap of ``||θ_{k+1} - θ_k||`` (all parameters of a block as one vector), depth
-    index ``k`` against training step. Right: the Lipschitz constant in depth over steps.
+    Left: heatmap of the slope in depth ``L ||θ_{k+1} - θ_k||`` (all parameters of a block as
+    one vector; its maximum over ``k`` is the Lipschitz constant), depth index ``k`` against
+    training step; measurements taken while the stage had fewer blocks than its most (it was
+    resampled or grown) are stretched over the same depth axis, so depths compare. Right: the
+    Lipschitz constant in depth over steps, a dotted line wherever the depth changed.
 
     Args:
         history: a :class:`~resode_lightning.core.history.SmoothnessHistory`, or its
@@ -37,6 +41,7 @@ def smoothness_figure(history: SmoothnessHistory | Mapping[str, Mapping[str, Any
     stages = history.stages
     if not stages:
         raise ValueError("the smoothness history holds no measurement to plot")
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -44,15 +49,26 @@ def smoothness_figure(history: SmoothnessHistory | Mapping[str, Mapping[str, Any
     axes = figure.subplots(len(stages), 2, squeeze=False, width_ratios=(3, 2))
     for row, name in zip(axes, stages, strict=True):
         steps = history.steps(name).double()
-        profile = history.depth_profile(name)
-        depth_index = torch.arange(1, profile.shape[1] + 1, dtype=torch.float64)
-        mesh = row[0].pcolormesh(
-            _edges(steps).numpy(), _edges(depth_index).numpy(), profile.T.numpy(), shading="flat"
-        )
-        figure.colorbar(mesh, ax=row[0], label=r"$\|\theta_{k+1}-\theta_k\|$")
-        row[0].set_title(f"{name}: step size in depth")
+        depth = history.depth(name)
+        slope = history.depth_profile(name) * depth.unsqueeze(1)
+        finite = slope[torch.isfinite(slope)]
+        norm = Normalize(*(map(float, finite.aminmax()) if len(finite) else (0.0, 1.0)))
+        x, widest = _edges(steps), int(depth.max()) - 1
+        start = 0
+        for blocks, run in groupby(depth.tolist()):
+            stop = start + len(list(run))
+            y = 0.5 + widest * torch.linspace(0, 1, blocks, dtype=torch.float64)
+            values = slope[start:stop, : blocks - 1].T
+            mesh = row[0].pcolormesh(
+                x[start : stop + 1].numpy(), y.numpy(), values.numpy(), norm=norm, shading="flat"
+            )
+            if start:
+                row[1].axvline(float(steps[start]), color="grey", linestyle=":", linewidth=1)
+            start = stop
+        figure.colorbar(mesh, ax=row[0], label=r"$L\,\|\theta_{k+1}-\theta_k\|$")
+        row[0].set_title(f"{name}: slope in depth")
         row[0].set_xlabel("training step")
-        row[0].set_ylabel("k")
+        row[0].set_ylabel("k" if bool((depth == depth[0]).all()) else f"k (of {widest + 1} blocks)")
         row[0].yaxis.set_major_locator(MaxNLocator(integer=True))
         values = history.metric(name, "lipschitz").numpy()
         row[1].plot(steps.numpy(), values, marker="." if len(steps) < 50 else None)

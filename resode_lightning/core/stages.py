@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from resode_lightning.core.adapters import register_timm_if_imported
-from resode_lightning.core.adapters.inferred import REASONS, ChildrenAsLeaves, block_graph
-from resode_lightning.core.blocks import (
-    _ADAPTERS,
-    BlockAdapter,
-    Post,
-    adapter_for,
-    qualified_name,
-    verify_block,
+from resode_lightning.core.adapters.inferred import (
+    REASONS,
+    ChildrenAsLeaves,
+    block_graph,
+    loop_skip_owner,
 )
+from resode_lightning.core.blocks import BlockAdapter, Post, qualified_name
+from resode_lightning.core.registry import _ADAPTERS, adapter_for
 from resode_lightning.core.step import state_dict_name
+from resode_lightning.core.verification import verify_block
 
 MARKER = "ode_horizon"
 """Name (or prefix) of the persistent buffer that marks a stage as converted to ODE form."""
@@ -91,7 +91,7 @@ def find_stages(model: nn.Module) -> list[Stage]:
     Blocks are children of any container (registered blocks are not looked inside). A block
     whose skip changes shape (a downsampling block), a block of another type, another post map
     or other parameter shapes (a pruned net) ends a run. The adapter of each block layout met
-    is verified once on a probe (:func:`~resode_lightning.core.blocks.verify_block`).
+    is verified once on a probe (:func:`~resode_lightning.core.verification.verify_block`).
 
     Raises:
         ValueError: when the model holds no residual stage; the message lists the block types
@@ -220,6 +220,20 @@ def _no_stage_message(model: nn.Module) -> str:
         f"branch=lambda block, x: <what the block adds to x>, last_layer=<name of the branch's "
         f"last affine layer or None>, post=<activation after the sum or None>, "
         f"conv_bn_pairs=<(conv, norm) names>) and check it with example=MyBlock(...)."
+        + "".join(_loop_skip_advice(m, shown) for m in _first_of_each_type(model, itself=True))
+    )
+
+
+def _loop_skip_advice(container: nn.Module, shown: dict[type, str]) -> str:
+    owner = loop_skip_owner(container)
+    if owner is None:
+        return ""
+    return (
+        f" {shown.get(type(container), type(container).__name__)}.forward adds the output of "
+        f"each module of {owner!r} to that module's input itself (a skip written in its loop), "
+        f"so those modules are branches, not blocks: move the skip into them (their forward "
+        f"returns x + f(x) / L, their state-dict keys unchanged) and let the loop apply them "
+        f"one after the other (x = step(x)), as the docs' zoo page shows."
     )
 
 
@@ -231,10 +245,10 @@ def _display_names(types: set[type]) -> dict[type, str]:
     return {cls: qualified_name(cls) if counts[cls.__name__] > 1 else cls.__name__ for cls in types}
 
 
-def _first_of_each_type(model: nn.Module) -> list[nn.Module]:
+def _first_of_each_type(model: nn.Module, *, itself: bool = False) -> list[nn.Module]:
     first: dict[type, nn.Module] = {}
     for module in model.modules():
-        if module is not model and not type(module).__module__.startswith("torch."):
+        if (itself or module is not model) and not type(module).__module__.startswith("torch."):
             first.setdefault(type(module), module)
     return list(first.values())
 
@@ -271,10 +285,3 @@ def last_layer_name(block: nn.Module, adapter: BlockAdapter) -> str | None:
         if module is last:
             return state_dict_name(block, name)
     raise ValueError(f"last_layer of {type(block).__name__} is not one of its submodules")
-
-
-def scaled_tensors(layer: nn.Module) -> list[Tensor]:
-    """The tensors of ``layer`` that the ODE-form rescale multiplies: affine weight and bias."""
-    return [
-        t for t in (getattr(layer, "weight", None), getattr(layer, "bias", None)) if t is not None
-    ]

@@ -13,31 +13,31 @@ import torch
 from torch import Tensor, nn
 
 from resode_lightning.core.metrics import ALL
-from resode_lightning.core.odeform import stage_tensors
+from resode_lightning.core.parameters import stage_tensors
 from resode_lightning.core.stages import Stage, find_stages
 
 
 class WatchedStage:
-    """One stage's live parameter tensors and ODE factors, and the objects they were read from.
+    """One stage's live parameter tensors and lifts, and the objects they were read from.
 
     Holding those objects keeps them alive, so identity checks on them cannot be fooled by a
     reused ``id()``.
 
     Attributes:
         stage: the stage.
-        tensors, scale: its per-name block tensors and ODE factors
-            (:func:`~resode_lightning.core.odeform.stage_tensors`).
+        tensors, lifts: its per-name block tensors and their lifts
+            (:func:`~resode_lightning.core.parameters.stage_tensors`).
         names: ``ALL`` then every tensor name: the columns of the stage's metric table.
     """
 
     def __init__(self, stage: Stage, path: list[tuple[nn.Module, str, nn.Module]]) -> None:
         self.stage = stage
-        self.tensors, self.scale = stage_tensors(stage)
+        self.tensors, self.lifts = stage_tensors(stage)
         self.names = (ALL, *self.tensors)
         self._path = path
         self._children = list(stage.container._modules.values())
         self._marker = stage.container._buffers.get(stage.marker)
-        self._parameters = [tuple(block.parameters()) for block in stage.blocks]
+        self._block_parameters = [tuple(block.parameters()) for block in stage.blocks]
 
     def is_current(self) -> bool:
         """Whether the model still holds this stage as it was read (no tensor is read)."""
@@ -50,7 +50,7 @@ class WatchedStage:
             and all(a is b for a, b in zip(modules, self._children, strict=True))
             and all(
                 _same(tuple(block.parameters()), held)
-                for block, held in zip(self.stage.blocks, self._parameters, strict=True)
+                for block, held in zip(self.stage.blocks, self._block_parameters, strict=True)
             )
         )
 

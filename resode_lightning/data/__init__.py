@@ -1,4 +1,7 @@
-"""DataModules reading local data only: scikit-learn's digits, CIFAR-10 on disk, image folders."""
+"""DataModules reading local data only: scikit-learn's digits, CIFAR-10 on disk, image folders.
+
+Internal: the promised API is the top-level ``resode_lightning``; names here may move.
+"""
 
 from resode_lightning.data.base import DataError, ImageDataModule
 from resode_lightning.data.cifar10 import CIFAR10DataModule

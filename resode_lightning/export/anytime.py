@@ -21,19 +21,11 @@ from torch import Tensor, nn
 
 from resode_lightning.core.budget import Steps, steps_per_stage
 from resode_lightning.export.grid import GRID_METHODS
-from resode_lightning.export.solve import ADAPTIVE_METHODS, FIXED_METHODS, NeuralODEStage
+from resode_lightning.export.solve import NeuralODEStage
+from resode_lightning.export.solvers import ADAPTIVE_METHODS, FIXED_METHODS, METHODS
 
 Setting = tuple[str, Steps]
 """``(method, steps)``: a fixed-grid method and a budget."""
-
-EVALUATIONS_PER_STEP: dict[str, int] = {
-    "euler": 1,
-    "midpoint": 2,
-    "heun2": 2,
-    "heun3": 3,
-    "rk4": 4,
-}
-"""Vector-field evaluations per step of the fixed-grid methods with a fixed count."""
 
 
 def ode_stages(model: nn.Module) -> dict[str, NeuralODEStage]:
@@ -158,7 +150,7 @@ def field_evaluations(model: nn.Module) -> int | None:
     multistep methods, whose count is not fixed)."""
     total = 0
     for stage in ode_stages(model).values():
-        per_step = EVALUATIONS_PER_STEP.get(stage.method)
+        per_step = METHODS[stage.method].evaluations
         if per_step is None or stage.steps is None:
             return None
         total += per_step * stage.steps

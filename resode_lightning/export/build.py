@@ -16,12 +16,22 @@ from resode_lightning.core.odeform import convert_stage
 from resode_lightning.core.paths import Interpolation, fit_knots, knot_times
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.export.field import VectorField, WeightPath
-from resode_lightning.export.options import ExportOptions
-from resode_lightning.export.solve import ADAPTIVE_METHODS, NeuralODEStage
+from resode_lightning.export.options import (
+    Adjoint,
+    ExportOptions,
+    PiecewiseConstant,
+    PiecewiseLinear,
+    RecursiveCheckpointed,
+)
+from resode_lightning.export.solve import NeuralODEStage
+from resode_lightning.export.solvers import METHODS
 from resode_lightning.export.source import source_spec
 
 CONFIG_ATTRIBUTE = "neural_ode_config"
 """Attribute of an exported model holding its export configuration (a JSON-able dict)."""
+ADJOINT_ORDER = 4
+"""The lowest order of a fixed-grid method whose continuous adjoint the export does not warn
+about: below it the discrete solve is too far from the ODE that the adjoint differentiates."""
 
 
 def export_neural_ode(
@@ -41,8 +51,10 @@ def export_neural_ode(
             any model whose blocks are registered.
         options: the :class:`~resode_lightning.export.options.ExportOptions` (defaults: Euler
             at each stage's depth, linear weight path, checkpointed gradients, BN folded).
-        overrides: option names and values replacing those of ``options``
-            (``export_neural_ode(model, method="rk4", steps=0.5)``).
+        overrides: options replacing those of ``options``, by field or flat name (see
+            :meth:`~resode_lightning.export.options.ExportOptions.replace`):
+            ``method="rk4", steps=0.5``, ``gradient=RecursiveCheckpointed(checkpoints=4)``, or
+            ``gradient="recursive", checkpoints=4``.
 
     Returns:
         The exported model, with its configuration in ``exported.neural_ode_config``.
@@ -66,7 +78,8 @@ def build_export(
     model: nn.Module, options: ExportOptions, *, fold_at_knots: bool = False
 ) -> nn.Module:
     """:func:`export_neural_ode` with its options resolved (``fold_at_knots``: see ``_field``)."""
-    method, knots = options.method, options.knots
+    method, interpolation = options.method, options.interpolation
+    knots = interpolation.knots if isinstance(interpolation, PiecewiseLinear) else None
     exported = copy.deepcopy(model).eval()
     stages = find_stages(exported)
     per_stage = _resolve_steps(stages, method, options.steps)
@@ -77,8 +90,8 @@ def build_export(
                     f"knots={knots} exceeds the depth {stage.depth} of stage {stage.name!r}; "
                     f"choose 2 <= knots <= {min(s.depth for s in stages)} or knots=None"
                 )
-    if options.gradient == "adjoint":
-        _warn_inexact_adjoint(stages, method, options.interpolation)
+    if isinstance(options.gradient, Adjoint):
+        _warn_inexact_adjoint(stages, method, interpolation)
     for stage in reversed(stages):
         promote_block_scalars(stage)
         if not stage.is_ode_form:
@@ -89,17 +102,21 @@ def build_export(
             for layer in stochastic_layers(block)
         ]
         field = _field(
-            stage, options.interpolation, options.fold_bn, knots, fold_at_knots=fold_at_knots
+            stage, interpolation.name, options.fold_bn, knots, fold_at_knots=fold_at_knots
         )
         module = NeuralODEStage(
             field,
             stage.horizon,
             method=method,
             steps=per_stage[stage.name],
-            gradient=options.gradient,
+            gradient=options.gradient.name,
             rtol=options.rtol,
             atol=options.atol,
-            checkpoints=options.checkpoints,
+            checkpoints=(
+                options.gradient.checkpoints
+                if isinstance(options.gradient, RecursiveCheckpointed)
+                else None
+            ),
             compile=options.compile,
             source_depth=stage.depth,
             stage_name=stage.name,
@@ -112,13 +129,13 @@ def build_export(
 
 
 def _resolve_steps(stages: list[Stage], method: str, steps: Steps) -> dict[str, int | None]:
-    if method in ADAPTIVE_METHODS:
+    if METHODS[method].adaptive:
         return {stage.name: None for stage in stages}
     depths = {stage.name: stage.depth for stage in stages}
     return steps_per_stage(steps, depths, depths)
 
 
-def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: str) -> None:
+def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: object) -> None:
     reasons = []
     post = sorted({stage.name for stage in stages if stage.post is not None})
     if post:
@@ -126,10 +143,14 @@ def _warn_inexact_adjoint(stages: list[Stage], method: str, interpolation: str) 
             f"stages {post} have post-activation blocks (relu after the sum): the projected field "
             f"forgets, so the backward reconstruction of the state is inexact"
         )
-    if interpolation == "constant":
+    if isinstance(interpolation, PiecewiseConstant):
         reasons.append("the weights are piecewise constant in t (use interpolation='linear')")
-    if method not in ("rk4",) + ADAPTIVE_METHODS:
-        reasons.append(f"{method} is a low-order method (use 'rk4' or 'dopri5')")
+    solver = METHODS[method]
+    if not solver.adaptive and solver.order < ADJOINT_ORDER:
+        reasons.append(
+            f"{method} is a low-order method (order {solver.order}; use a fixed-grid method of "
+            f"order {ADJOINT_ORDER} or more such as 'rk4', or an adaptive one such as 'dopri5')"
+        )
     if reasons:
         warnings.warn(
             "gradient='adjoint' gives inexact gradients here: " + "; ".join(reasons) + ". "
@@ -233,6 +254,13 @@ def _random_rate(module: nn.Module) -> float:
 _RANDOM_RATES = {"DropPath": "drop_prob", "StochasticDepth": "p"}
 
 
+def _plain(value: object) -> bool:
+    """Plain data a block's code may branch on: numbers, flags, strings, tuples of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    return isinstance(value, (tuple, list)) and all(_plain(item) for item in value)
+
+
 def promote_block_scalars(stage: Stage) -> list[str]:
     """Make the number attributes that differ between a stage's blocks buffers, in place.
 
@@ -241,25 +269,33 @@ def promote_block_scalars(stage: Stage) -> list[str]:
     to follow the weight path (interpolated like the weights). Returns their names.
 
     Raises:
-        ValueError: an integer attribute differs between blocks (it cannot be interpolated).
+        ValueError: any other plain attribute differs between blocks (an int, a flag, a
+            string, a torch layer's setting such as a conv's dilation): one code cannot run
+            them all; the message names them.
     """
     values: dict[tuple[str, str], list[object]] = {}
+    own: set[tuple[str, str]] = set()  # attributes of the blocks' own code, not torch's layers
     for block in stage.blocks:
         for path, module in block.named_modules():
-            if type(module).__module__.startswith("torch.") or _random_rate(module):
-                continue  # torch's layers take Python numbers; random layers are refused apart
+            if _random_rate(module):
+                continue  # random layers are refused apart
             for attribute, value in vars(module).items():
-                number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if number and not attribute.startswith("_"):
+                if not attribute.startswith("_") and attribute != "training" and _plain(value):
                     values.setdefault((path, attribute), []).append(value)
-    varying = {key: found for key, found in values.items() if len(set(found)) > 1}
+                    if not type(module).__module__.startswith("torch."):
+                        own.add((path, attribute))
+    varying = {key: found for key, found in values.items() if any(v != found[0] for v in found)}
     names = {key: f"{key[0]}.{key[1]}".lstrip(".") for key in varying}
-    integers = [names[key] for key, found in varying.items() if int in map(type, found)]
-    if integers:
+    fixed = [
+        f"{names[key]} ({', '.join(map(repr, dict.fromkeys(found)))})"
+        for key, found in varying.items()
+        if key not in own or not all(type(value) is float for value in found)
+    ]
+    if fixed:
         raise ValueError(
-            f"stage {stage.name!r}: the blocks differ in integer attributes {integers[:3]}, "
-            f"which a weight path cannot interpolate; export a model whose stage blocks differ "
-            f"only in tensors"
+            f"stage {stage.name!r}: the blocks differ in {'; '.join(fixed[:3])}, which a weight "
+            f"path cannot interpolate (only float attributes of the blocks' own code can follow "
+            f"it); export a model whose stage blocks differ only in tensors and floats"
         )
     reference = next(stage.blocks[0].parameters(), None)
     dtype = reference.dtype if reference is not None else torch.get_default_dtype()
@@ -314,7 +350,7 @@ def exported_config(model: nn.Module) -> dict[str, Any]:
         )
     options = ExportOptions.from_config(config["export"])
     method = methods.pop()
-    steps = None if method in ADAPTIVE_METHODS else {s.stage_name: s.steps for s in stages}
+    steps = None if METHODS[method].adaptive else {s.stage_name: s.steps for s in stages}
     folds = options.fold_bn and any(stage.field.folds_batchnorm for stage in stages)
     options = options.replace(method=method, steps=steps, fold_bn=folds)
     return {**config, "export": options.to_config()}

@@ -26,14 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from resode_lightning.core.budget import check_steps
-from resode_lightning.core.files import (
-    CheckpointError,
-    atomic_save,
-    safe_torch_load,
-    writable_target,
-)
+from resode_lightning.core.io.atomic import atomic_save, writable_target
+from resode_lightning.core.io.checkpoint import safe_torch_load
+from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.export.anytime import resolve_steps, set_steps
 from resode_lightning.export.build import export_neural_ode
+from resode_lightning.export.grid import GRID_METHODS
 from resode_lightning.export.options import ExportOptions
 from resode_lightning.export.solve import NeuralODEStage
 
@@ -111,15 +109,15 @@ def distill_depth(
         CheckpointError: ``checkpoint`` exists but is damaged, forged or was written for other
             settings (the message names the file and the differences).
         OSError: ``checkpoint`` cannot be written (see
-            :func:`~resode_lightning.core.files.writable_target`).
+            :func:`~resode_lightning.core.io.atomic.writable_target`).
     """
     check_settings(steps, step_weights, epochs, lr, warmup, weight_decay, temperature, label_weight)
     if checkpoint is not None:
         writable_target(checkpoint)
     options = (options or ExportOptions(gradient="backprop")).replace(knots=knots)
-    if options.steps is not None or options.method not in ("euler", "midpoint", "rk4"):
+    if options.steps is not None or options.method not in GRID_METHODS:
         raise ValueError(
-            "distill_depth fine-tunes a fixed-grid export (euler, midpoint or rk4) at each "
+            f"distill_depth fine-tunes a fixed-grid export ({', '.join(GRID_METHODS)}) at each "
             "stage's depth: leave options.steps at None"
         )
     device = torch.device(device) if device is not None else _device(source)
@@ -244,8 +242,8 @@ def _resume(
     """Load a distillation checkpoint into ``student`` and ``optimizer``; returns the epochs it
     completed.
 
-    The file is read by :func:`~resode_lightning.core.files.safe_torch_load` and every field
-    used is validated before anything is loaded: ``settings`` must equal this run's, ``epoch``
+    The file is read by :func:`~resode_lightning.core.io.checkpoint.safe_torch_load` and every
+    field used is validated before anything is loaded: ``settings`` must equal this run's, ``epoch``
     lie in ``[0, epochs]``, ``model`` match the student's names, shapes and dtypes, and
     ``optimizer`` hold AdamW moments of the parameters' shapes and step counts; no tensor may
     hold NaN or inf. The optimizer's hyper-parameters and the learning-rate schedule are not

@@ -6,7 +6,8 @@ times are known in advance: :class:`FieldOnGrid` binds the weights of each time 
 the branch module, once while the parameters keep their version (inference) or once per forward
 (training), so a step costs what the block costs. On-grid Euler uses the blocks' own weights
 (views of the knots), and a post-activation step is computed as the block computes it,
-``P(x + h F(x))``. The methods below follow torchdiffeq's arithmetic (``rk4`` is its 3/8 rule).
+``P(x + h F(x))``. Every fixed-grid method whose step is one explicit Runge-Kutta step runs
+here, with the Butcher tableau read from torchdiffeq (:mod:`resode_lightning.export.solvers`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from resode_lightning.export.field import VectorField
+from resode_lightning.export.solvers import METHODS
 
 GRID_METHODS: dict[str, tuple[float, ...]] = {
-    "euler": (0.0,),
-    "midpoint": (0.0, 0.5),
-    "rk4": (0.0, 1 / 3, 2 / 3, 1.0),
+    name: solver.tableau.c for name, solver in METHODS.items() if solver.tableau is not None
 }
 """Methods integrated here, with the fractions of a step at which each step evaluates the field."""
 
@@ -45,7 +45,7 @@ class FieldOnGrid:
         self._knot_times: list[float] = []
         self._horizon_key: tuple | None = None
         self._weights_key: tuple | None = None
-        self._modules: list[nn.Module] = []
+        self._bound_branches: list[nn.Module] = []
         self._slots: list[nn.Module] = []
         self._per_step_binding = False
 
@@ -82,7 +82,7 @@ class FieldOnGrid:
         if key == self._weights_key:
             return
         bound: dict[int, nn.Module] = {}  # one module per distinct weights (a knot, a blend)
-        self._modules = [
+        self._bound_branches = [
             bound.setdefault(id(weights), self.field.bound_branch(weights))
             for weights in self._weights(self._times)
         ]
@@ -100,7 +100,7 @@ class FieldOnGrid:
             for module, weights in zip(modules, self._weights(times)):
                 self.field.bind(module, weights)
         else:
-            modules = self._modules[first : first + self._per_step]
+            modules = self._bound_branches[first : first + self._per_step]
         scale = self.field.scale
         if scale == 1.0:
             return modules
@@ -121,9 +121,10 @@ def grid_step(
     """One step of size ``h`` of a :data:`GRID_METHODS` method from ``x``.
 
     ``branches`` are the unprojected field at the step's evaluation times; a post-step map
-    projects the field at resolution ``h`` (an Euler step is ``P(x + h F(x))``, as the block).
+    projects the field at resolution ``h`` (a one-stage step is ``P(x + h F(x))``, as the block).
     """
-    if method == "euler":
+    tableau = METHODS[method].tableau
+    if len(tableau.b) == 1:
         out = x + h * branches[0](x)
         return post(out) if post is not None else out
 
@@ -131,10 +132,15 @@ def grid_step(
         value = branches[index](y)
         return value if post is None else (post(y + h * value) - y) / h
 
-    k1 = func(0, x)
-    if method == "midpoint":
-        return x + h * func(1, x + k1 * (0.5 * h))
-    k2 = func(1, x + h * k1 * (1 / 3))
-    k3 = func(2, x + h * (k2 - k1 * (1 / 3)))
-    k4 = func(3, x + h * (k1 - k2 + k3))
-    return x + (k1 + 3 * (k2 + k3) + k4) * h * 0.125
+    slopes: list[Tensor] = []
+    for index, row in enumerate(tableau.a):
+        slopes.append(func(index, _combine(x, h, row, slopes)))
+    return _combine(x, h, tableau.b, slopes)
+
+
+def _combine(x: Tensor, h: float, weights: tuple[float, ...], slopes: list[Tensor]) -> Tensor:
+    """``x + h Σ w_i k_i``, one fused multiply-add per nonzero weight."""
+    for weight, slope in zip(weights, slopes):
+        if weight:
+            x = torch.add(x, slope, alpha=h * weight)
+    return x

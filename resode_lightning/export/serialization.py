@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from resode_lightning.core.blocks import qualified_name
-from resode_lightning.core.files import CheckpointError, atomic_write, safe_torch_load
+from resode_lightning.core.io.atomic import atomic_write
+from resode_lightning.core.io.checkpoint import safe_torch_load
+from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.stages import MARKER, Stage, find_stages
 from resode_lightning.export.build import build_export, exported_config
@@ -80,9 +82,8 @@ def save_neural_ode(
     buffer = io.BytesIO()
     torch.save(content, buffer)
     if model is not None or config["source"]["kind"] in BUILT_KINDS:
-        written = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # our own bytes
         try:
-            _from_content(Path(path), written, model)
+            _from_content(Path(path), safe_torch_load(path, data=buffer.getvalue()), model)
         except CheckpointError as error:
             raise ValueError(
                 f"not saving {os.fspath(path)!r}: it would not load back ({error}); an existing "

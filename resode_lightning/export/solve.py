@@ -1,6 +1,6 @@
 """The ODE stage: a residual stage as a vector field solved by torchdiffeq on ``[0, horizon]``.
 
-Three ways to differentiate the solve:
+Four ways to differentiate the solve:
 
 - ``"backprop"``: through the solver's operations (memory grows with the steps);
 - ``"checkpoint"``: ``torch.utils.checkpoint`` around each solver step (each knot interval for
@@ -13,8 +13,10 @@ Three ways to differentiate the solve:
   ``adjoint_params`` and only ``[0, horizon]`` requested: memory constant in the steps, but the
   gradient is that of the continuous adjoint, reconstructed backwards in time.
 
-Euler, midpoint and rk4 run on :mod:`resode_lightning.export.grid` (weights bound once per
-parameter version, no per-step host sync); torchdiffeq solves the other methods and the adjoint.
+Fixed-grid Runge-Kutta methods (euler, midpoint, rk4, ...:
+:data:`~resode_lightning.export.grid.GRID_METHODS`) run on :mod:`resode_lightning.export.grid`
+(weights bound once per parameter version, no per-step host sync); torchdiffeq solves the other
+methods and the adjoint.
 """
 
 from __future__ import annotations
@@ -29,17 +31,8 @@ from torchdiffeq import odeint, odeint_adjoint
 from resode_lightning.export.field import VectorField, float64_kept
 from resode_lightning.export.grid import GRID_METHODS, FieldOnGrid
 from resode_lightning.export.revolve import binomial_checkpoint, default_checkpoints
+from resode_lightning.export.solvers import METHODS
 
-FIXED_METHODS: tuple[str, ...] = (
-    "euler",
-    "midpoint",
-    "heun2",
-    "heun3",
-    "rk4",
-    "explicit_adams",
-    "implicit_adams",
-)
-ADAPTIVE_METHODS: tuple[str, ...] = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 GRADIENTS: tuple[str, ...] = ("backprop", "checkpoint", "recursive", "adjoint")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -74,8 +67,8 @@ class NeuralODEStage(nn.Module):
     Args:
         field: the stage's vector field.
         horizon: end time of the solve.
-        method: a torchdiffeq method: fixed-grid (:data:`FIXED_METHODS`) or adaptive
-            (:data:`ADAPTIVE_METHODS`).
+        method: a torchdiffeq method of :data:`~resode_lightning.export.solvers.METHODS`:
+            fixed-grid or adaptive.
         steps: number of equal steps of a fixed-grid method (``None`` for adaptive ones).
         gradient: ``"backprop"``, ``"checkpoint"``, ``"recursive"`` or ``"adjoint"``.
         checkpoints: stored states of ``gradient="recursive"``, at most the steps; ``None``:
@@ -137,7 +130,7 @@ class NeuralODEStage(nn.Module):
 
     @property
     def adaptive(self) -> bool:
-        return self.method in ADAPTIVE_METHODS
+        return METHODS[self.method].adaptive
 
     def _func(self, x: Tensor) -> nn.Module:
         field = self.field

@@ -22,7 +22,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from resode_lightning.core.files import load_into, load_state_dict_file, strip_prefix
+from resode_lightning.core.io.checkpoint import load_state_dict_file
 from resode_lightning.core.models import (
     LIMITS,
     TORCHVISION_RESNETS,
@@ -30,6 +30,7 @@ from resode_lightning.core.models import (
     ode_resnet,
     torchvision_resnet,
 )
+from resode_lightning.core.odeform import load_into, strip_prefix
 
 BACKBONES: tuple[str, ...] = ("ode_resnet", *TORCHVISION_RESNETS)
 

@@ -1,4 +1,5 @@
-"""Built-in block adapters: torchvision's ResNet and RegNet blocks, and timm's ResNet families.
+"""Built-in block adapters: torchvision's ResNet and RegNet blocks, timm's ResNet families
+(``timm_resnets``) and its RegNet and ByobNet blocks (``timm_regnet_byobnet``).
 
 torchvision's are registered on import. timm's are registered the first time stages are
 looked for after ``timm`` has been imported, so that importing this package never imports timm.
@@ -21,6 +22,6 @@ def register_timm_if_imported() -> None:
         return
     _timm_registered = True
     from resode_lightning.core.adapters import (
-        timm_regnets,  # noqa: F401  (registers)
+        timm_regnet_byobnet,  # noqa: F401  (registers)
         timm_resnets,  # noqa: F401  (registers)
     )

@@ -7,8 +7,9 @@ that input, the block is residual with an identity skip: the sum's other term is
 the chain the post map. The graph also tells the affine layer ending the branch (through
 multiplications by constants), and which convs feed only a BatchNorm (the pairs to fold).
 Every inferred adapter is verified on a probe like a registered one before it is used
-(:func:`~resode_lightning.core.blocks.verify_block`); a block whose graph does not show this
-shape, or whose trace fails, is no block to the package (and registering it stays possible).
+(:func:`~resode_lightning.core.verification.verify_block`); a block whose graph does not show
+this shape, or whose trace fails, is no block to the package (and registering it stays
+possible).
 """
 
 from __future__ import annotations
@@ -24,17 +25,15 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from resode_lightning.core.blocks import (
-    INFERENCE,
     BlockAdapter,
     BlockAdapterError,
+    LastLayer,
     Pairs,
-    _LastLayer,
-    _probe_copy,
-    _runnable_input,
     is_plain_conv,
-    verify_block,
 )
+from resode_lightning.core.registry import INFERENCE
 from resode_lightning.core.step import ODEStep
+from resode_lightning.core.verification import probe_copy, runnable_input, verify_block
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _ACTIVATIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardswish}
@@ -212,12 +211,15 @@ def _last_layer(branch: fx.Node, block: nn.Module) -> str | None:
         node = tensors[0]
     if node.op != "call_module":
         return None
-    layer = block.get_submodule(node.target)
+    target, layer = node.target, block.get_submodule(node.target)
+    while type(layer) is nn.Sequential and len(layer):  # its output is its last layer's
+        name, layer = list(layer.named_children())[-1]
+        target = f"{target}.{name}"
     if not isinstance(layer, _AFFINE) or getattr(layer, "weight", True) is None:
         return None
     if isinstance(layer, nn.modules.conv._ConvNd) and not is_plain_conv(layer):
         return None
-    return node.target
+    return target
 
 
 def _pairs(graph: fx.Graph, block: nn.Module) -> Pairs:
@@ -263,7 +265,7 @@ def _pairs_of(block: nn.Module) -> Pairs:
 
 INFERRED = BlockAdapter(
     branch=_branch,
-    last_layer=_LastLayer(_last),
+    last_layer=LastLayer(_last),
     post=_post,
     is_identity_skip=_is_identity_skip,
     step_attribute=None,
@@ -279,12 +281,12 @@ REASONS: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 def infer_adapter(block: nn.Module) -> BlockAdapter | None:
     """:data:`INFERRED` when ``block``'s graph shows a residual block that passes the probe
-    checks of :func:`~resode_lightning.core.blocks.verify_block`, else ``None`` (the reason is
-    kept in :data:`REASONS`)."""
+    checks of :func:`~resode_lightning.core.verification.verify_block`, else ``None`` (the
+    reason is kept in :data:`REASONS`)."""
     graph = block_graph(block)
     if graph is None:
         return None
-    if _runnable_input(_probe_copy(block)) is None:
+    if runnable_input(probe_copy(block)) is None:
         REASONS[block] = "it did not run on a probe input of the width of its layers"
         _GRAPHS[block] = None
         return None
@@ -298,3 +300,48 @@ def infer_adapter(block: nn.Module) -> BlockAdapter | None:
 
 
 INFERENCE.append(infer_adapter)
+
+
+def loop_skip_owner(container: nn.Module) -> str | None:
+    """The list of ``container``'s children whose outputs its ``forward`` adds to their own
+    inputs (a skip written in the container's loop, ``x = x + f(x) / L``), when it does so for at
+    least two of them; else ``None``."""
+    if type(container).__module__.startswith(("torch.", "resode_lightning.")):
+        return None
+    try:
+        graph = ChildrenAsLeaves().trace(container)
+    except Exception:  # untraceable code: nothing to say
+        return None
+    owners: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or "." not in node.target or not node.args:
+            continue
+        out = node
+        while len(out.users) == 1 and _is_constant_scale(user := next(iter(out.users)), out):
+            out = user
+        if any(_is_skip_sum(user, node.args[0]) for user in out.users):
+            owner = node.target.rsplit(".", 1)[0]
+            owners[owner] = owners.get(owner, 0) + 1
+    return next((owner for owner, count in owners.items() if count >= 2), None)
+
+
+def _is_constant_scale(node: fx.Node, value: fx.Node) -> bool:
+    """``node`` multiplies or divides ``value`` by something that is not a graph value."""
+    scales = (node.op == "call_function" and node.target in _SCALES) or (
+        node.op == "call_method" and node.target in ("mul", "div")
+    )
+    others = [a for a in node.args if a is not value]
+    return scales and len(others) == 1 and not isinstance(others[0], fx.Node)
+
+
+def graph_pairs(block: nn.Module) -> Pairs:
+    """The ``(conv, norm)`` pairs that ``block``'s own graph shows (a plain conv whose only use
+    is a BatchNorm), or none when torch.fx cannot trace its ``forward``."""
+    graph = block_graph(block)
+    if graph is not None:
+        return graph.pairs
+    try:
+        traced = ChildrenAsLeaves().trace(block)
+    except Exception:  # untraceable code: nothing folds
+        return ()
+    return _pairs(traced, block)

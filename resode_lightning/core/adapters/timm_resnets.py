@@ -27,7 +27,8 @@ from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from resode_lightning.core.blocks import Pairs, is_plain_conv, register_block
+from resode_lightning.core.blocks import Pairs, is_plain_conv
+from resode_lightning.core.registry import register_block
 
 # ----------------------------------------------------------------------------- shared
 

@@ -11,7 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.regnet import ResBottleneckBlock
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from resode_lightning.core.blocks import register_block
+from resode_lightning.core.registry import register_block
 
 
 def _no_downsample(block: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""The one-command demo (``make demo``, or ``python -m resode_lightning.demo``).
+"""The one-command demo (``make demo``, or ``python -m resode_lightning.apps.demo``).
 
 Trains the tied-init and the i.i.d.-init ODE-ResNet of ``configs/digits_ode_resnet.yaml`` and
 ``configs/digits_iid.yaml`` on scikit-learn's digits with SmoothnessMonitor and NeuralODEExport,
@@ -26,16 +26,17 @@ from torch import nn
 from resode_lightning.callbacks import DepthSampling, NeuralODEExport, SmoothnessMonitor
 from resode_lightning.cli import main as resode
 from resode_lightning.cli.train import cli
-from resode_lightning.core.files import atomic_save, atomic_write, atomic_write_text, load_into
+from resode_lightning.core.io.atomic import atomic_save, atomic_write, atomic_write_text
+from resode_lightning.core.io.checkpoint import load_state_dict_file
 from resode_lightning.core.metrics import METRICS
 from resode_lightning.core.models import torchvision_resnet
-from resode_lightning.core.odeform import to_ode_form
+from resode_lightning.core.odeform import load_into, to_ode_form
 from resode_lightning.core.plots import plot_smoothness
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export import export_neural_ode, load_neural_ode
 from resode_lightning.testing import randomize_norms
 
-CONFIGS = Path(__file__).resolve().parent / "configs"  # package data: runs from an installed wheel
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: runs from a wheel
 RUNS = {"tied": "digits_ode_resnet.yaml", "iid": "digits_iid.yaml"}
 SAMPLED = "tied, depth-sampled"
 CONVERSION_TOLERANCE = 1e-5
@@ -43,7 +44,9 @@ CONVERSION_TOLERANCE = 1e-5
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns 0 when every check passed, 1 otherwise."""
-    parser = argparse.ArgumentParser(prog="python -m resode_lightning.demo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m resode_lightning.apps.demo", description=__doc__
+    )
     parser.add_argument("--out", default="runs/demo", help="report directory (default runs/demo)")
     parser.add_argument("--configs", default=str(CONFIGS), help="directory of the digits configs")
     parser.add_argument("--max-epochs", type=int, default=None, help="override the configs' epochs")
@@ -134,8 +137,8 @@ def train_and_evaluate(
     plot_smoothness(history, out / f"smoothness_{init.replace(', ', '_')}.png")
     stage = next(iter(history))
     record = history[stage]
-    final = {metric: float(record["metrics"][-1, 0, i]) for i, metric in enumerate(METRICS)}
-    lipschitz = record["metrics"][:, 0, METRICS.index("lipschitz")]
+    final = {metric: float(record["metrics"][metric][-1, 0]) for metric in METRICS}
+    lipschitz = record["metrics"]["lipschitz"][:, 0]
     return {
         "config": str(config),
         "depth": depth,
@@ -177,7 +180,7 @@ def check_conversion(out: Path) -> dict[str, Any]:
     status = resode(
         ["convert", "--arch", "resnet18", "--weights", str(source), "--out", str(target)]
     )
-    converted = load_into(torchvision_resnet("resnet18"), torch.load(target, weights_only=True))
+    converted = load_into(torchvision_resnet("resnet18"), load_state_dict_file(target))
     checks = {"resnet18": _conversion_row(plain, converted.eval(), status)}
     plain = _random_resnet("resnet50")
     checks["resnet50"] = _conversion_row(plain, to_ode_form(plain), 0)

@@ -14,7 +14,8 @@ from timm.layers import ConvNormAct
 from timm.models import byobnet, regnet
 from torch import Tensor, nn
 
-from resode_lightning.core.blocks import Pairs, register_block
+from resode_lightning.core.blocks import Pairs
+from resode_lightning.core.registry import register_block
 
 
 class _Chain:
