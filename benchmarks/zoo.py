@@ -16,9 +16,10 @@ the box, with no registration:
 - export: the same for ``export_neural_ode(m)`` (Euler at each stage's depth);
 - monitor: the monitor's metric table on every stage is finite;
 - resample: ``resample_depth`` of the first stage to twice its depth runs and stays finite;
-- f64: for an arch whose own float32 output is more than 1e-5 away from its float64 output
-  (deep attention nets whose random norms make them chaotic), conversion and export errors
-  computed in float64, where rounding does not hide what the package computes.
+- f64: for an arch whose conversion or export is more than 1e-5 away in float32, the same
+  errors in float64, where rounding does not hide what the package computes; the status says
+  whether the arch's own float32 floor is above 1e-5 (deep attention nets whose random norms
+  make them chaotic) or the float64 errors are within 1e-10 (float32 rounding).
 
 An arch passes when conversion and export are <= 1e-5. Archs whose parameter count exceeds
 ``--max-params`` are skipped with the reason. Writes results/zoo.{json,md}.
@@ -91,6 +92,8 @@ TORCHVISION_BACKBONES = {
 VIDEO = ("r3d_18", "mc3_18", "r2plus1d_18")
 QUANTIZABLE = ("resnet18", "resnet50", "resnext101_32x8d", "resnext101_64x4d")
 TOLERANCE = 1e-5
+F64_TOLERANCE = 1e-10
+"""In float64, where the rounding of float32 does not hide what the package computes."""
 COLUMNS = [
     "arch",
     "family",
@@ -214,13 +217,20 @@ def measure(arch: str, family: str, max_params: float) -> dict:
     exact = max(row["conversion"], row["export"]) <= TOLERANCE
     if exact:
         row["status"] = "ok"
-    elif row["self"] > TOLERANCE:
+        return row
+    with torch.no_grad():  # where float32 rounding hides what the package computes
+        model, x = model.double(), x.double()
+        reference = model(x)
+        row["f64 conversion"] = relative(to_ode_form(model)(x), reference)
+        row["f64 export"] = relative(export_neural_ode(model)(x), reference)
+    worst = max(row["f64 conversion"], row["f64 export"])
+    if row["self"] > TOLERANCE:
         row["status"] = f"float32 floor: the arch itself differs by {row['self']:.1e} from float64"
-        with torch.no_grad():
-            model, x = model.double(), x.double()
-            reference = model(x)
-            row["f64 conversion"] = relative(to_ode_form(model)(x), reference)
-            row["f64 export"] = relative(export_neural_ode(model)(x), reference)
+    elif worst <= F64_TOLERANCE:
+        row["status"] = (
+            f"float32 rounding: the arch itself differs by {row['self']:.1e} from float64; "
+            f"conversion and export are within {worst:.0e} in float64"
+        )
     else:
         row["status"] = "inexact"
     return row
@@ -232,11 +242,18 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per arch")
     parser.add_argument("--only", default=None, help="comma-separated families")
     parser.add_argument("--out", default="zoo")
+    parser.add_argument(
+        "--redo", default="", help="comma-separated archs to measure again; the rest are kept"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     only = set(args.only.split(",")) if args.only else None
     partial = RESULTS / f"{args.out}.jsonl"
     done = {}
+    if args.redo:
+        redo = set(args.redo.split(","))
+        kept = json.loads((RESULTS / f"{args.out}.json").read_text())["rows"]
+        done = {row["arch"]: row for row in kept if row["arch"] not in redo}
     if partial.exists():
         for line in partial.read_text().splitlines():
             row = json.loads(line)

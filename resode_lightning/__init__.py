@@ -22,18 +22,24 @@ from resode_lightning.core.resample import resample_depth
 from resode_lightning.core.stages import Stage, find_stages
 from resode_lightning.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule
 from resode_lightning.export import (
+    Adjoint,
+    Backprop,
+    Checkpointed,
     DeployedStage,
     ExportOptions,
+    PiecewiseConstant,
+    PiecewiseLinear,
+    RecursiveCheckpointed,
     accuracy_vs_steps,
     at_steps,
     deployable,
-    distill_depth,
     export_neural_ode,
     load_neural_ode,
     save_neural_ode,
     set_steps,
 )
 from resode_lightning.lit import ImageClassifier
+from resode_lightning.lit.distillation import distill_depth
 
 __version__ = "0.1.0"
 
@@ -46,6 +52,12 @@ __all__ = [
     "DepthSampling",
     "DigitsDataModule",
     "ExportOptions",
+    "Adjoint",
+    "Backprop",
+    "Checkpointed",
+    "PiecewiseConstant",
+    "PiecewiseLinear",
+    "RecursiveCheckpointed",
     "ImageClassifier",
     "ImageFolderDataModule",
     "NeuralODEExport",

@@ -199,12 +199,6 @@ def test_convert_cli_error_leaves_no_output_and_keeps_existing(tmp_path, capsys)
     assert not (tmp_path / "new.pt").exists()
 
 
-def test_convert_cli_rejects_unknown_architecture(capsys):
-    with pytest.raises(SystemExit):
-        main(["convert", "--arch", "resnet9000", "--weights", "x", "--out", "y"])
-    assert "invalid choice" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     "marker",
     [

@@ -130,9 +130,10 @@ def check_fits(model: LightningModule, content: Mapping[str, Any], path: str) ->
 
 
 def check_counters(content: Mapping[str, Any], path: str) -> None:
-    """Raise unless the checkpoint ``content`` is nested at most :data:`MAX_CONFIG_DEPTH` levels
-    deep with at most :data:`MAX_CONFIG_NODES` entries, and its ``epoch``, ``global_step`` and
-    every integer of its ``loops`` state are ints in ``[0, MAX_COUNTER]``.
+    """Raise unless the checkpoint ``content`` is nested at most
+    :data:`~resode_lightning.cli._config.MAX_CONFIG_DEPTH` levels deep with at most
+    :data:`~resode_lightning.cli._config.MAX_CONFIG_NODES` entries, and its ``epoch``,
+    ``global_step`` and every integer of its ``loops`` state are ints in ``[0, MAX_COUNTER]``.
 
     Raises:
         CheckpointError: the message names the file, the counter and its value.
@@ -160,8 +161,8 @@ def _walk(value: object, key: str, path: str) -> Iterator[tuple[str, object]]:
     one each time it is reached.
 
     Raises:
-        CheckpointError: ``value`` nests deeper than :data:`MAX_CONFIG_DEPTH` levels or holds more
-            than :data:`MAX_CONFIG_NODES` entries; the message names the file ``path``.
+        CheckpointError: ``value`` nests deeper than the config limits allow
+            (:mod:`~resode_lightning.cli._config`); the message names the file ``path``.
     """
     stack, count = [(key, value, 0)], 0
     while stack:

@@ -79,7 +79,11 @@ def load_model(
         for key, value in state_dict.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise CheckpointError(f"{key!r} holds NaN or inf values")
-        arch = arch or architecture(infer_arch(state_dict))
+        if arch is None:
+            try:
+                arch = architecture(infer_arch(state_dict))
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
         return arch.build(kwargs, state_dict, max_classes=max_classes), arch
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None

@@ -124,7 +124,8 @@ def _timm_builder(name: str) -> Callable[..., nn.Module]:
         raise argparse.ArgumentTypeError(f"timm:{name} needs timm: pip install timm") from None
     if not timm.is_model(name):
         raise argparse.ArgumentTypeError(
-            f"timm {timm.__version__} has no model {name!r}; see timm.list_models() for the names"
+            f"timm:{name}: timm {timm.__version__} has no model {name!r}; see "
+            f"timm.list_models() for the names"
         )
     return lambda **kwargs: timm.create_model(name, pretrained=False, **kwargs)
 

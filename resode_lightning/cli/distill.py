@@ -23,9 +23,10 @@ from resode_lightning.core.io.errors import CheckpointError
 from resode_lightning.core.odeform import load_into, strip_prefix
 from resode_lightning.data.base import ImageDataModule
 from resode_lightning.export.anytime import accuracy_vs_steps
-from resode_lightning.export.distill import MAX_LR, check_settings, distill_depth
+from resode_lightning.export.distill import MAX_LR, check_settings
 from resode_lightning.export.serialization import save_neural_ode
 from resode_lightning.lit.classifier import build_backbone
+from resode_lightning.lit.distillation import distill_depth
 
 HELP = "fine-tune a trained ResNet into a neural ODE that runs at any number of steps"
 RESERVED = {
@@ -58,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output neural ODE file (save_neural_ode)")
     parser.add_argument(
-        "--checkpoint", help="progress file, resumed from when present (default: OUT.distill)"
+        "--checkpoint",
+        help="progress file: a Lightning checkpoint written after every epoch, resumed from "
+        "when present (default: OUT.distill)",
     )
     parser.add_argument("--image-size", type=int, default=32, help="image side (default 32)")
     parser.add_argument(

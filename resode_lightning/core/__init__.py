@@ -3,11 +3,13 @@
 Internal: the promised API is the top-level ``resode_lightning``; names here may move. The
 modules (the callbacks, the CLI and the export build on these):
 
-- ``blocks``: block adapters (:func:`register_block`, :func:`registered_blocks`,
-  :func:`registration_scope`, :class:`BlockAdapterError`); ``adapters/``: the built-in ones.
+- ``blocks``, ``registry``, ``verification``: block adapters (:func:`register_block`,
+  :func:`registered_blocks`, :func:`registration_scope`, :class:`BlockAdapterError`), their table
+  and their checks; ``adapters/``: the built-in and inferred ones.
 - ``stages``: :class:`Stage` and :func:`find_stages`, runs of residual blocks in any container.
 - ``odeform``: :func:`to_ode_form`, :func:`from_ode_form`, :func:`is_ode_form`,
-  :func:`resample_depth`: the lossless 1/L rescale, its inverse, and depth resampling.
+  :func:`load_into`: the rescale, its inverse and loading in either form; ``resample``:
+  :func:`resample_depth`; ``optimizer_state``: optimizer state carried across the rescale.
 - ``paths``: weights as functions of depth (knot times, interpolation, least-squares knots).
 - ``coarse``: a stage run at fewer steps, differentiably, with full-depth BatchNorm statistics.
 - ``metrics``: :func:`smoothness_metrics`, :func:`smoothness_report`, :func:`metric_table`,
@@ -15,8 +17,8 @@ modules (the callbacks, the CLI and the export build on these):
 - ``watch``: :func:`watch_stages`, stages whose tensors are read once while training.
 - ``history``: :class:`SmoothnessHistory`, a run's measurements; ``plots``: their figures.
 - ``models``: :func:`ode_resnet` and :class:`PreActBlock`.
-- ``files``: weights-only loading (:func:`load_state_dict_file`, :func:`load_into`,
-  :class:`CheckpointError`) and atomic writes (:func:`atomic_save`, :func:`atomic_write`).
+- ``io``: the safe reader (:func:`load_state_dict_file`, :class:`CheckpointError`) and atomic
+  writes (:func:`atomic_save`, :func:`atomic_write`).
 """
 
 from resode_lightning.core.blocks import BlockAdapterError

@@ -73,7 +73,7 @@ def verify_block(block: nn.Module, adapter: BlockAdapter) -> None:
 
 
 def runnable_input(block: nn.Module) -> Tensor | None:
-    """The first probe input (:func:`_probe_inputs`) ``block`` runs on, else ``None``."""
+    """The first input of the width of one of its layers that ``block`` runs on, else ``None``."""
     for x in _probe_inputs(block):
         try:
             with torch.no_grad():
@@ -105,7 +105,7 @@ def probe_copy(block: nn.Module) -> nn.Module:
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=generator))
             elif leaf == "running_mean" or (isinstance(tensor, nn.Parameter) and leaf == "bias"):
                 tensor.copy_(0.1 * torch.randn(tensor.shape, generator=generator))
-            elif isinstance(tensor, nn.Parameter) and tensor.dim() == 1:
+            elif isinstance(tensor, nn.Parameter) and tensor.dim() <= 1:  # gains, scalars too
                 tensor.copy_(1.0 + 0.2 * torch.randn(tensor.shape, generator=generator))
             elif isinstance(tensor, nn.Parameter):
                 fan_in = max(1, tensor[0].numel())
