@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from helpers.boring import NestedBackboneModule, loader, quiet_trainer
+from helpers.boring import NestedBackboneModule, loader, quiet_trainer, random_images
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models.resnet import BasicBlock
 
 from resode_lightning import ImageClassifier, ode_resnet, to_ode_form
-from resode_lightning.callbacks import DepthGrowth
+from resode_lightning.callbacks import DepthGrowth, DepthSampling
 from resode_lightning.core.growth import carry_optimizer_state, grow_depth
 from resode_lightning.core.stages import find_stages
 from resode_lightning.core.step import named_parameters_by_key
@@ -70,7 +72,9 @@ def test_growth_changes_the_function_by_the_measured_error(net, interpolation):
     with torch.no_grad():
         before = coarse(PROBE)
         inputs = coarse[0](PROBE) if isinstance(coarse, nn.Sequential) else coarse.stem(PROBE)
-        stage_before = (coarse[1] if isinstance(coarse, nn.Sequential) else coarse.stages[0])(inputs)
+        stage_before = (coarse[1] if isinstance(coarse, nn.Sequential) else coarse.stages[0])(
+            inputs
+        )
     change = grow_depth(model, {stage: 8}, interpolation=interpolation, probe=PROBE)
     assert change.depths == {stage: (4, 8)}
     assert [s.depth for s in find_stages(model)] == [8]
@@ -244,10 +248,10 @@ def growth(**kwargs) -> DepthGrowth:
     return DepthGrowth((0.25, 0.5, 1.0), (1, 2), **kwargs)
 
 
-def fit(tmp_path: Path, module, callbacks, *, ckpt_path=None, **kwargs) -> pl.Trainer:
+def fit(tmp_path: Path, module, callbacks, *, data=None, ckpt_path=None, **kwargs) -> pl.Trainer:
     pl.seed_everything(0, verbose=False)
     trainer = quiet_trainer(default_root_dir=tmp_path, callbacks=callbacks, **kwargs)
-    trainer.fit(module, loader(16, SIZE), ckpt_path=ckpt_path)
+    trainer.fit(module, data or loader(16, SIZE), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -270,57 +274,108 @@ def test_schedule_grows_at_its_epochs_and_logs_the_error(tmp_path):
     assert all(a is b for a, b in zip(trainer.optimizers[0].param_groups[0]["params"], params))
 
 
+class Record(pl.Callback):
+    """The module's state after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.states[trainer.global_step] = state
+
+
+def repeated_batches() -> DataLoader:
+    """Four equal batches an epoch: a run resumed inside an epoch (whose loader starts again)
+    sees the data the uninterrupted run saw."""
+    x, y = random_images(4, SIZE)[:]
+    return DataLoader(TensorDataset(x.repeat(4, 1, 1, 1), y.repeat(4)), batch_size=4)
+
+
 @pytest.mark.parametrize("module", list(MODULES))
 def test_resume_mid_schedule_equals_the_uninterrupted_run(tmp_path, module):
-    """Checkpoints after epoch 0 (before a growth) and after epoch 1 (between growths): resumed,
-    the next steps give the uninterrupted run's parameters."""
-    checkpoints = ModelCheckpoint(tmp_path / "ckpt", save_top_k=-1, filename="{epoch}")
-    straight = MODULES[module]()
+    """Checkpoints at the end of epoch 0 (before the first growth), inside epoch 1 and at its end
+    (between growths): resumed, the next step gives the uninterrupted run's parameters, and so
+    do the steps after it, through the next growth."""
+    every_step = ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    straight = Record()
     fit(
         tmp_path / "a",
-        straight,
-        [growth(), checkpoints],
+        MODULES[module](),
+        [growth(), every_step, straight],
+        data=repeated_batches(),
         max_epochs=3,
         max_steps=9,
         enable_checkpointing=True,
     )
-    for epoch in (0, 1):
-        resumed = MODULES[module]()
-        callback = growth()
-        path = tmp_path / "ckpt" / f"epoch={epoch}.ckpt"
-        fit(tmp_path / "b", resumed, [callback], max_epochs=3, max_steps=9, ckpt_path=path)
-        assert [r["epoch"] for r in callback.growths] == [1, 2]
-        for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-            assert torch.equal(a, b), (epoch, name)
+    for step in (4, 6, 8):
+        resumed, callback = Record(), growth()
+        path = tmp_path / "ckpt" / f"epoch={(step - 1) // 4}-step={step}.ckpt"
+        trainer = fit(
+            tmp_path / "b",
+            MODULES[module](),
+            [callback, resumed],
+            data=repeated_batches(),
+            max_epochs=3,
+            max_steps=9,
+            ckpt_path=path,
+        )
+        assert [(r["epoch"], r["step"]) for r in callback.growths] == [(1, 4), (2, 8)]
+        assert trainer.global_step == 9 and min(resumed.states) == step + 1
+        for done, state in resumed.states.items():
+            for name, value in straight.states[done].items():
+                assert torch.equal(state[name], value), (step, done, name)
 
 
-def test_final_checkpoint_loads_without_the_callback(tmp_path):
-    module = classifier()
-    trainer = fit(tmp_path, module, [growth()], max_epochs=3)
+@pytest.mark.parametrize("module", list(MODULES))
+def test_final_checkpoint_loads_without_the_callback(tmp_path, module):
+    trained = MODULES[module]()
+    trainer = fit(tmp_path, trained, [growth()], max_epochs=3)
     trainer.save_checkpoint(tmp_path / "final.ckpt")
-    loaded = ImageClassifier.load_from_checkpoint(tmp_path / "final.ckpt").eval()
+    loaded = type(trained).load_from_checkpoint(tmp_path / "final.ckpt").eval()  # strict
+    assert [s.depth for s in find_stages(loaded)] == [8]
     with torch.no_grad():
-        assert torch.equal(loaded(PROBE), module.eval()(PROBE))
+        assert torch.equal(loaded(PROBE), trained.eval()(PROBE))
 
 
 def test_trigger_grows_when_the_lipschitz_constant_settles(tmp_path):
-    eager, patient = growth(trigger=0.99), growth(trigger=1e-9)
-    fit(tmp_path, classifier(), [eager], max_epochs=4, max_steps=16)
-    fit(tmp_path, classifier(), [patient], max_epochs=4, max_steps=16)
-    # the tied start has Lipschitz constant 0: the first reading after training is no plateau
-    assert [r["epoch"] for r in eager.growths] == [2, 3]
-    assert [r["epoch"] for r in patient.growths] == [1, 2]  # the schedule's epochs bound it
+    eager = DepthGrowth((0.25, 0.5, 1.0), (3, 4), trigger=0.99)
+    patient = DepthGrowth((0.25, 0.5, 1.0), (3, 4), trigger=1e-9)
+    fit(tmp_path, classifier(), [eager], max_epochs=5)
+    fit(tmp_path, classifier(), [patient], max_epochs=5)
+    # readings after an epoch at each depth: compared first at the start of its third epoch
+    assert [r["epoch"] for r in eager.growths] == [2, 4]
+    assert [r["epoch"] for r in patient.growths] == [3, 4]  # the schedule's epochs bound it
+
+
+class AverageSnapshot(pl.Callback):
+    """The averaged stage of an EMA callback at the first batch of every epoch."""
+
+    def __init__(self, ema: EMAWeightAveraging) -> None:
+        self.ema = ema
+        self.stages: list[nn.Module] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            average = self.ema._average_model.module
+            self.stages.append(copy.deepcopy(find_stages(average)[0].blocks))
 
 
 def test_ema_weights_grow_with_the_module(tmp_path):
     ema = EMAWeightAveraging()
+    before, after = AverageSnapshot(ema), AverageSnapshot(ema)
     module = classifier()
-    fit(tmp_path, module, [ema, growth()], max_epochs=3)
-    averaged = ema._average_model.module
-    assert depth(averaged) == 8
-    # the averages went on: the grown average is near the model (decay 0.999 from the start)
-    for (name, a), b in zip(averaged.state_dict().items(), module.state_dict().values()):
-        assert a.shape == b.shape, name
+    fit(tmp_path, module, [ema, before, growth(), after], max_epochs=3)
+    assert depth(ema._average_model.module) == depth(module) == 8
+    # at each growth the averaged blocks are read off the averaged path, as the weights are
+    for epoch in (1, 2):
+        coarse, fine = before.stages[epoch], after.stages[epoch]
+        assert len(fine) == 2 * len(coarse)
+        for j, block in enumerate(fine):
+            for (name, a), b in zip(
+                block.state_dict().items(), coarse[j // 2].state_dict().values()
+            ):
+                assert torch.equal(a, b), (epoch, j, name)
 
 
 class _RankState(DepthGrowth):
@@ -330,9 +385,10 @@ class _RankState(DepthGrowth):
         super().__init__((0.25, 0.5, 1.0), (1, 2))
         self.directory = directory
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        state = {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}
-        wrapped = trainer.strategy.model.module is pl_module
+    def on_train_end(self, trainer, pl_module) -> None:
+        # parameters: BatchNorm statistics stay each rank's until DDP's next forward
+        state = {k: v.detach().cpu() for k, v in pl_module.named_parameters()}
+        wrapped = isinstance(trainer.strategy.model, DistributedDataParallel)
         record = {"state": state, "growths": self.growths, "wrapped": wrapped}
         torch.save(record, Path(self.directory) / f"rank{trainer.global_rank}.pt")
 
@@ -350,7 +406,7 @@ def test_ddp_spawn_grows_in_lock_step(tmp_path):
     assert ranks[0]["growths"] == ranks[1]["growths"]
     assert [r["epoch"] for r in ranks[0]["growths"]] == [1, 2]
     assert ranks[0]["wrapped"] and ranks[1]["wrapped"]
-    assert len([k for k in ranks[0]["state"] if k.endswith("conv1.weight")]) == 8 + 1
+    assert len([k for k in ranks[0]["state"] if k.endswith("conv1.weight")]) == 8
     # each rank saw other batches after the last growth: equal weights mean DDP reduced the new
     # parameters' gradients
     for name, value in ranks[0]["state"].items():
@@ -376,9 +432,18 @@ def test_invalid_arguments(kwargs, message):
         DepthGrowth(**{"depths": (0.25, 0.5, 1.0), "epochs": (1, 2), **kwargs})
 
 
+class AdagradModule(BasicModule):
+    def configure_optimizers(self):
+        return torch.optim.Adagrad(self.parameters())
+
+
 def test_schedule_past_max_epochs_and_foreign_state_are_refused(tmp_path):
     with pytest.raises(ValueError, match="not before max_epochs"):
         fit(tmp_path, classifier(), [growth()], max_epochs=2)
+    with pytest.raises(ValueError, match="DepthSampling"):
+        fit(tmp_path, classifier(), [growth(), DepthSampling()], max_epochs=3)
+    with pytest.raises(ValueError, match="Adagrad"):
+        fit(tmp_path, AdagradModule(), [growth()], max_epochs=3)
     callback = growth()
     fit(tmp_path, classifier(), [callback], max_epochs=3)
     state = callback.state_dict()

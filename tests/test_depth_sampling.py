@@ -1,4 +1,4 @@
-"""DepthSampling's solvers, its losses attached to the full-depth output, and its roughness penalty."""
+"""DepthSampling: its solvers, its losses attached to the full-depth output, its roughness."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ from resode_lightning.callbacks.depth_passes import (
     stage_at_steps,
 )
 from resode_lightning.core.coarse import BatchStatistics
-from resode_lightning.export.anytime import at_steps
+from resode_lightning.export.anytime import at_steps, steps_of
+from resode_lightning.export.options import ExportOptions
+from resode_lightning.lit.distillation import distill_depth
 from resode_lightning.testing import randomize_norms
 
 
@@ -84,7 +86,7 @@ def test_stage_at_steps_computes_the_exports_fixed_grid_solvers(method):
         expected = ode(x)
     with torch.no_grad(), stage_at_steps(find_stages(tv)[0], method, 3):
         torch.testing.assert_close(tv(x), expected, rtol=1e-4, atol=1e-4)
-    assert all(b.conv2.step == 1 / 4 for b in find_stages(tv)[0].blocks)
+    assert all(b.bn2.step == 1 / 4 for b in find_stages(tv)[0].blocks)
 
 
 def test_rk4_evaluates_the_blocks_its_stages_fall_on_differentiably():
@@ -159,12 +161,33 @@ def test_the_call_of_the_backbone_carries_the_passes_and_no_call_is_refused():
 
     class Bypass(NestedBackboneModule):
         def training_step(self, batch, batch_idx):
-            x, y = batch
-            return nn.functional.cross_entropy(self.net["backbone"].forward(x), y)
+            x, y = batch  # every module on the way to the stage called by its forward
+            net = self.net["backbone"]
+            features = net.stages[0].forward(net.stem(x))
+            return nn.functional.cross_entropy(net.fc(net.pool(features).flatten(1)), y)
 
     bypass = Bypass(ode_resnet(depths=(4,), widths=(4,), seed=0))
     with pytest.raises(ValueError, match="made no call of the model"):
         _fit(bypass, DepthSampling(steps=(1.0, 0.5)))
+
+
+def test_an_export_trains_at_steps_of_its_own_method():
+    """distill_depth's student runs rk4: its half-depth pass is rk4 at L/2 steps."""
+    source = randomize_norms(ode_resnet(depths=(8,), widths=(4,), init="iid", seed=0)).eval()
+    record = _Record()
+    student = distill_depth(
+        source,
+        loader(count=8, size=16, batch_size=8),
+        steps=(1.0, 0.5),
+        options=ExportOptions(method="rk4", gradient="backprop"),
+        epochs=1,
+        progress=False,
+        trainer={"callbacks": [record]},
+    )
+    passes = {k for k in record.metrics[0] if k.startswith("depth_sampling/")}
+    assert passes == {"depth_sampling/rk4@0.5", "depth_sampling/rk4@0.5_step"}
+    assert steps_of(student) == {"stages.0": ("rk4", 8)}
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
 
 
 # ----------------------------------------------------------------------------- roughness
@@ -221,16 +244,21 @@ def test_invalid_arguments_are_named(arguments, named):
         DepthSampling(**arguments)
 
 
+def test_a_loss_that_is_no_scalar_is_refused_at_the_first_batch():
+    with pytest.raises(ValueError, match=r"loss=\.\.\.\) must return a 0-d tensor"):
+        _fit(_module(), DepthSampling(steps=(1.0, 0.5), loss=lambda out, full, batch: out))
+
+
 def test_settings_draws_and_pickling():
     sampling = DepthSampling(steps=(1.0, 0.5, 0.25), methods=("euler", "rk4"), draws=2, seed=1)
     module = _module(depth=8)
     sampling.on_fit_start(quiet_trainer(), module)
     try:
         assert [(label, method, steps) for label, _, method, steps in sampling.settings()] == [
-            ("rk4@1", "rk4", {"stages.0": 2}),
-            ("euler@0.5", "euler", {"stages.0": 4}),
-            ("rk4@0.5", "rk4", {"stages.0": 1}),
-            ("euler@0.25", "euler", {"stages.0": 2}),
+            ("rk4@1", "rk4", {"net.backbone.stages.0": 2}),
+            ("euler@0.5", "euler", {"net.backbone.stages.0": 4}),
+            ("rk4@0.5", "rk4", {"net.backbone.stages.0": 1}),
+            ("euler@0.25", "euler", {"net.backbone.stages.0": 2}),
         ]  # rk4 at 2 evaluations repeats rk4@0.5: left out
         draws = [sampling.draw(0, i) for i in range(20)]
         assert all(len(d) == 2 for d in draws) and len({tuple(d) for d in draws}) > 1

@@ -9,20 +9,25 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
 import torch
 from helpers.boring import loader
 from helpers.cli import one_line_error
+from pytorch_lightning import Callback
 
-from resode_lightning import export_neural_ode, ode_resnet
+from resode_lightning import load_neural_ode, ode_resnet
 from resode_lightning.cli import distill as distill_command
 from resode_lightning.cli import main
+from resode_lightning.core.io.checkpoint import safe_torch_load
 from resode_lightning.core.io.errors import CheckpointError
-from resode_lightning.export.distill import _resume, distill_depth
+from resode_lightning.export.distill import checked_resume, distillation_student
 from resode_lightning.export.options import ExportOptions
+from resode_lightning.lit.distillation import distill_depth
 from resode_lightning.testing import randomize_norms
 
 
@@ -180,25 +185,39 @@ def test_cli_distill_checks_its_output_paths_before_training(tmp_path, capsys, m
         locked.chmod(0o755)
 
 
+def _with(state, path, value):
+    """A copy of the checkpoint ``state`` whose entry at ``path`` (keys, outermost first) is
+    ``value`` (``_DROP``: removed); the containers on the way are copied, the rest shared."""
+    if not path:
+        return value
+    copied = dict(state) if isinstance(state, dict) else list(state)
+    key = path[0]
+    if len(path) == 1 and value is _DROP:
+        del copied[key]
+    elif len(path) == 1:
+        copied[key] = value
+    else:
+        copied[key] = _with(state[key], path[1:], value)
+    return copied
+
+
+_DROP = object()
+
+
 def test_cli_distill_refuses_a_damaged_resume_checkpoint_and_keeps_both_files(tmp_path, capsys):
     argv = _command(tmp_path)
     assert _run(argv, capsys)[0] == 0
     out, checkpoint = tmp_path / "ode.pt", tmp_path / "ode.pt.distill"
     export = out.read_bytes()
     state = torch.load(checkpoint, weights_only=True)
-    key = next(iter(state["model"]))
+    key = next(iter(state["state_dict"]))
+    nan = torch.full_like(state["state_dict"][key], math.nan)
     damaged = {
-        "a NaN weight": (
-            {
-                **state,
-                "model": {**state["model"], key: torch.full_like(state["model"][key], math.nan)},
-            },
-            "NaN",
-        ),
-        "epoch -2": ({**state, "epoch": -2}, "[0, 1]"),
-        "settings 123": ({**state, "settings": 123}, "settings"),
-        "model 'abc'": ({**state, "model": "abc"}, "'model'"),
-        "no epoch": ({k: v for k, v in state.items() if k != "epoch"}, "'epoch'"),
+        "a NaN weight": (_with(state, ("state_dict", key), nan), "NaN"),
+        "epoch -2": (_with(state, ("epoch",), -2), "[0, 0]"),
+        "settings 123": (_with(state, ("distillation", "settings"), 123), "settings"),
+        "state_dict 'abc'": (_with(state, ("state_dict",), "abc"), "'state_dict'"),
+        "no epoch": (_with(state, ("epoch",), _DROP), "'epoch'"),
     }
     for case, (content, named) in damaged.items():
         torch.save(content, checkpoint)
@@ -211,6 +230,41 @@ def test_cli_distill_refuses_a_damaged_resume_checkpoint_and_keeps_both_files(tm
     status, output = _run([*argv, "--lr", "0.002"], capsys)
     assert status == 2
     one_line_error(output, "distill", checkpoint, "other settings", "lr 0.001 recorded, 0.002 now")
+
+
+def test_cli_distill_killed_resumes_at_the_epoch_it_stopped_in(tmp_path, capsys, monkeypatch):
+    """A ``resode distill`` killed (SIGKILL) once its first epoch is saved, run again, trains
+    the epochs after the last one saved, and only those."""
+    argv = [*_command(tmp_path), "--epochs", "3"]
+    checkpoint = tmp_path / "ode.pt.distill"
+    command = [sys.executable, "-m", "resode_lightning", *argv]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists() and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.02)
+    finally:
+        process.kill()
+        process.wait()
+    saved = torch.load(checkpoint, weights_only=True)
+    done, per_epoch = saved["epoch"] + 1, saved["global_step"] // (saved["epoch"] + 1)
+    assert done < 3, "the run ended before it was killed"
+    epochs = []
+
+    class Epochs(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            epochs.append(trainer.current_epoch)
+
+    def recorded(*args, **kwargs):
+        return distill_depth(*args, **kwargs, trainer={"callbacks": [Epochs()]})
+
+    monkeypatch.setattr(distill_command, "distill_depth", recorded)
+    status, output = _run(argv, capsys)
+    assert status == 0 and f"resuming from {checkpoint}" in output.out, output
+    assert epochs == [e for e in range(done, 3) for _ in range(per_epoch)]
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 3 * per_epoch
+    load_neural_ode(tmp_path / "ode.pt")
 
 
 # ----------------------------------------------------------------------------- distill_depth
@@ -237,13 +291,30 @@ class _PoisonedAt:
             yield images, labels
 
 
+class _Killed:
+    """``data`` that raises at its ``stop``-th batch, counted over its passes."""
+
+    def __init__(self, data, stop):
+        self.data, self.stop, self.seen = data, stop, 0
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for batch in self.data:
+            self.seen += 1
+            if self.seen == self.stop:
+                raise RuntimeError("killed")
+            yield batch
+
+
 def test_distill_depth_stops_at_a_non_finite_loss_naming_it_and_keeps_the_checkpoint(tmp_path):
     data = loader(count=16, size=16, batch_size=4)
     path = tmp_path / "distill.ckpt"
     with pytest.raises(ValueError, match=r"diverged at epoch 2/2, batch 3/4: the loss is nan"):
         distill_depth(_source(), _PoisonedAt(data, 2, 3), epochs=2, checkpoint=path, progress=False)
     written = path.read_bytes()
-    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert torch.load(path, weights_only=True)["epoch"] == 0  # the first epoch's
     with pytest.raises(ValueError, match=f"epoch 2/2, batch 1/4.*{path}"):
         distill_depth(_source(), _PoisonedAt(data, 1, 1), epochs=2, checkpoint=path, progress=False)
     assert path.read_bytes() == written
@@ -260,10 +331,13 @@ def test_distill_depth_refuses_non_finite_settings_and_sources(tmp_path):
         {"step_weights": (math.inf, 1, 1)},
         {"steps": (1.0, math.nan)},
         {"warmup": -0.1},
+        {"trainer": {"max_epochs": 3}},
     )
     for bad in bad_settings:
         with pytest.raises(ValueError, match=next(iter(bad))):
             distill_depth(source, data, progress=False, **bad)
+    with pytest.raises(ValueError, match="a loader with a length"):
+        distill_depth(source, (batch for batch in data), progress=False)
     with torch.no_grad():
         source.fc.weight[0, 0] = math.nan
     with pytest.raises(ValueError, match="'fc.weight' holds NaN"):
@@ -272,81 +346,98 @@ def test_distill_depth_refuses_non_finite_settings_and_sources(tmp_path):
         distill_depth(_source(), data, checkpoint=tmp_path / "missing" / "c.ckpt", progress=False)
 
 
+EPOCHS, DATA = 2, {"count": 8, "size": 16, "batch_size": 4}
+"""The runs of the checkpoint tests: two epochs of two batches."""
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A real one-epoch distillation checkpoint of :func:`_source`, and its content."""
+    """The checkpoint of a distillation of :func:`_source` killed in its second epoch, its
+    content, and the export of the same run never killed."""
     path = tmp_path_factory.mktemp("distill") / "distill.ckpt"
-    distill_depth(
-        _source(), loader(count=8, size=16, batch_size=4), epochs=1, checkpoint=path, progress=False
-    )
-    return path, torch.load(path, weights_only=True)
+    whole = distill_depth(_source(), loader(**DATA), epochs=EPOCHS, progress=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        distill_depth(
+            _source(), _Killed(loader(**DATA), 3), epochs=EPOCHS, checkpoint=path, progress=False
+        )
+    return path, torch.load(path, weights_only=True), whole.state_dict()
+
+
+def _resumed(path, content=None):
+    """Write ``content`` at ``path`` (unless ``None``) and resume from it."""
+    if content is not None:
+        torch.save(content, path)
+    return distill_depth(
+        _source(), loader(**DATA), epochs=EPOCHS, checkpoint=path, progress=False
+    ).state_dict()
 
 
 def _refused(path, content, named):
-    """Write ``content`` at ``path``; resuming from it raises CheckpointError naming ``path``
-    and ``named``, and leaves the file as it was."""
+    """Resuming from ``content`` raises CheckpointError naming the file and ``named``, and
+    leaves the file as it was."""
     torch.save(content, path)
     saved = path.read_bytes()
     with pytest.raises(CheckpointError) as error:
-        distill_depth(
-            _source(),
-            loader(count=8, size=16, batch_size=4),
-            epochs=1,
-            checkpoint=path,
-            progress=False,
-        )
+        _resumed(path)
     assert str(path) in str(error.value) and named in str(error.value), str(error.value)
     assert path.read_bytes() == saved
 
 
 def test_distill_depth_validates_every_field_of_its_resume_checkpoint(tmp_path, checkpoint):
-    _, state = checkpoint
+    _, state, _ = checkpoint
     path = tmp_path / "hostile.ckpt"
-    model, moments = state["model"], state["optimizer"]["state"]
+    model, moments = state["state_dict"], state["optimizer_states"][0]["state"]
     key = next(iter(model))
     horizon = next(k for k in model if k.endswith(".horizon"))
     times = next(k for k in model if k.endswith(".field.path.times"))
     first = moments[0]
+    settings = json.loads(state["distillation"]["settings"])
+
+    def moment(name, value):
+        return _with(state, ("optimizer_states", 0, "state", 0, name), value)
+
     cases = {
-        "no settings": ({k: v for k, v in state.items() if k != "settings"}, "'settings'"),
-        "settings 123": ({**state, "settings": 123}, "settings"),
-        "settings list": ({**state, "settings": "[]"}, "settings"),
-        "model abc": ({**state, "model": "abc"}, "'model' holds str"),
-        "a missing key": ({**state, "model": {k: v for k, v in model.items() if k != key}}, key),
-        "epoch -2": ({**state, "epoch": -2}, "[0, 1]"),
-        "epoch 2": ({**state, "epoch": 2}, "[0, 1]"),
-        "epoch 1.0": ({**state, "epoch": 1.0}, "[0, 1]"),
-        "NaN weight": (
-            {**state, "model": {**model, key: torch.full_like(model[key], math.nan)}},
-            "NaN",
+        "no distillation": (_with(state, ("distillation",), _DROP), "not a distillation"),
+        "the loop's format": (
+            {"format": "resode-depth-distillation/1", "epoch": 1, "model": model},
+            "not a distillation",
         ),
-        "wrong shape": ({**state, "model": {**model, key: torch.zeros(3)}}, "shape"),
-        "horizon -1": ({**state, "model": {**model, horizon: -model[horizon]}}, "horizon -1"),
+        "format /1": (_with(state, ("distillation", "format"), "x/1"), "format 'x/1'"),
+        "no settings": (_with(state, ("distillation", "settings"), _DROP), "'settings'"),
+        "settings 123": (_with(state, ("distillation", "settings"), 123), "settings"),
+        "settings list": (_with(state, ("distillation", "settings"), "[]"), "settings"),
+        "state_dict abc": (_with(state, ("state_dict",), "abc"), "'state_dict' holds str"),
+        "a missing key": (_with(state, ("state_dict", key), _DROP), key),
+        "epoch -2": (_with(state, ("epoch",), -2), "[0, 1]"),
+        "epoch 2": (_with(state, ("epoch",), 2), "[0, 1]"),
+        "epoch 0.0": (_with(state, ("epoch",), 0.0), "[0, 1]"),
+        "global_step 3": (_with(state, ("global_step",), 3), "3 steps at the end of epoch 1"),
+        "NaN weight": (_with(state, ("state_dict", key), model[key] * math.nan), "NaN"),
+        "wrong shape": (_with(state, ("state_dict", key), torch.zeros(3)), "shape"),
+        "horizon -1": (_with(state, ("state_dict", horizon), -model[horizon]), "horizon -1"),
         "times reversed": (
-            {**state, "model": {**model, times: model[times].flip(0)}},
+            _with(state, ("state_dict", times), model[times].flip(0)),
             "increasing times",
         ),
-        "NaN moment": (
-            {
-                **state,
-                "optimizer": {"state": {0: {**first, "exp_avg": first["exp_avg"] * math.nan}}},
-            },
-            "NaN",
+        "NaN moment": (moment("exp_avg", first["exp_avg"] * math.nan), "NaN"),
+        "negative moment": (moment("exp_avg_sq", -first["exp_avg_sq"] - 1), "negative"),
+        "step 0": (moment("step", torch.tensor(0.0)), "step"),
+        "no optimizer state": (_with(state, ("optimizer_states", 0), {}), "AdamW state"),
+        "two optimizers": (
+            _with(state, ("optimizer_states",), state["optimizer_states"] * 2),
+            "one AdamW state",
         ),
-        "negative moment": (
-            {
-                **state,
-                "optimizer": {"state": {0: {**first, "exp_avg_sq": -first["exp_avg_sq"] - 1}}},
-            },
-            "negative",
+        "loops 'x'": (_with(state, ("loops",), "x"), "loops"),
+        "a loop counter -1": (
+            _with(state, ("loops", "fit_loop", "epoch_progress", "total", "ready"), -1),
+            "count",
         ),
-        "step 0": (
-            {**state, "optimizer": {"state": {0: {**first, "step": torch.tensor(0.0)}}}},
-            "step",
+        "a Lightning that never was": (
+            _with(state, ("pytorch-lightning_version",), "x"),
+            "claims Lightning 'x'",
         ),
-        "no optimizer state": ({**state, "optimizer": {}}, "optimizer"),
         "other settings": (
-            {**state, "settings": json.dumps({**json.loads(state["settings"]), "lr": 0.5})},
+            _with(state, ("distillation", "settings"), json.dumps({**settings, "lr": 0.5})),
             "lr 0.5 recorded, 0.0001 now",
         ),
     }
@@ -357,30 +448,28 @@ def test_distill_depth_validates_every_field_of_its_resume_checkpoint(tmp_path, 
             raise AssertionError(case) from failure
 
 
-def test_distill_depth_resumes_despite_a_forged_schedule_it_rebuilds(tmp_path, checkpoint):
-    _, state = checkpoint
+def test_distill_depth_resumes_exactly_rebuilding_what_it_does_not_read(tmp_path, checkpoint):
+    """A resume ends where the run never killed ends, whatever the file says of the schedule,
+    the optimizer's hyper-parameters and the callbacks: those are rebuilt or dropped."""
+    _, state, whole = checkpoint
     path = tmp_path / "forged.ckpt"
-    scheduler = {**state["scheduler"], "lr_lambdas": [{"total": 0, "warmup": 0}]}
-    torch.save({**state, "epoch": 0, "scheduler": scheduler}, path)
-    data = loader(count=8, size=16, batch_size=4)
-    distill_depth(_source(), data, epochs=1, checkpoint=path, progress=False)
-    assert torch.load(path, weights_only=True)["epoch"] == 1
+    forged = _with(state, ("lr_schedulers", 0, "lr_lambdas"), [{"total": 0, "warmup": 0}])
+    forged = _with(forged, ("optimizer_states", 0, "param_groups", 0, "lr"), 10.0)
+    forged = _with(forged, ("callbacks",), {"ModelCheckpoint": {"best_model_path": str(path)}})
+    resumed = _resumed(path, forged)
+    for name, value in whole.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
+    assert torch.load(path, weights_only=True)["global_step"] == 4
 
 
 def test_distill_depth_refuses_a_compressed_record_without_expanding_it(tmp_path, checkpoint):
-    original, _ = checkpoint
+    original, _, _ = checkpoint
     path = tmp_path / "deflated.ckpt"
     with zipfile.ZipFile(original) as source, zipfile.ZipFile(path, "w") as target:
         for record in source.infolist():
             target.writestr(record.filename, source.read(record), zipfile.ZIP_DEFLATED)
     with pytest.raises(CheckpointError, match="compressed record"):
-        distill_depth(
-            _source(),
-            loader(count=8, size=16, batch_size=4),
-            epochs=1,
-            checkpoint=path,
-            progress=False,
-        )
+        _resumed(path)
 
 
 # ----------------------------------------------------------------------------- fuzz
@@ -404,51 +493,40 @@ def _hostile_tensor(like, rng):
 
 def _mutations(state, rng):
     """Hostile variants of a distillation checkpoint's content, each with a name."""
-    model, optimizer = state["model"], state["optimizer"]
-    moments = optimizer["state"]
+    model, moments = state["state_dict"], state["optimizer_states"][0]["state"]
     grids = [k for k in model if k.endswith((".horizon", ".times"))]
     keys = [*grids, *rng.sample(sorted(set(model) - set(grids)), 6)]
-    for field in state:
-        yield f"drop {field}", {k: v for k, v in state.items() if k != field}
+    for field in ("state_dict", "epoch", "global_step", "optimizer_states", "distillation"):
+        yield f"drop {field}", _with(state, (field,), _DROP)
         for value in HOSTILE:
-            yield f"{field} = {value!r}", {**state, field: value}
+            yield f"{field} = {value!r}", _with(state, (field,), value)
     for text in ("x", "[]", "{}", "NaN", '{"lr": NaN}', "1" * 5000, "[" * 100_000):
-        yield f"settings {text[:10]!r}", {**state, "settings": text}
+        yield f"settings {text[:10]!r}", _with(state, ("distillation", "settings"), text)
     for value in (-2, 2, 2**64, 1.0, "1", torch.tensor(1)):
-        yield f"epoch {value!r}", {**state, "epoch": value}
+        yield f"epoch {value!r}", _with(state, ("epoch",), value)
     for key in keys:
-        yield f"model drop {key}", {**state, "model": {k: v for k, v in model.items() if k != key}}
+        yield f"model drop {key}", _with(state, ("state_dict", key), _DROP)
         for value in (*HOSTILE, _hostile_tensor(model[key], rng), _hostile_tensor(model[key], rng)):
-            yield f"model[{key}] hostile", {**state, "model": {**model, key: value}}
+            yield f"model[{key}] hostile", _with(state, ("state_dict", key), value)
     for key in grids:  # finite values no export has: a horizon <= 0, unordered knot times
         for value in (-model[key], model[key] * 0, model[key].flip(0) * 1e308):
-            yield f"model[{key}] out of range", {**state, "model": {**model, key: value}}
-    yield "model extra key", {**state, "model": {**model, 5: torch.zeros(1)}}
+            yield f"model[{key}] out of range", _with(state, ("state_dict", key), value)
+    yield "model extra key", _with(state, ("state_dict", 5), torch.zeros(1))
     for index in rng.sample(sorted(moments), 3):
         for name in ("step", "exp_avg", "exp_avg_sq"):
-            entry = moments[index]
-            for value in (*HOSTILE[:6], _hostile_tensor(entry[name], rng)):
-                changed = {**moments, index: {**entry, name: value}}
-                yield (
-                    f"optimizer {index} {name}",
-                    {**state, "optimizer": {**optimizer, "state": changed}},
-                )
-        yield (
-            f"optimizer {index} = []",
-            {
-                **state,
-                "optimizer": {**optimizer, "state": {**moments, index: []}},
-            },
-        )
+            for value in (*HOSTILE[:6], _hostile_tensor(moments[index][name], rng)):
+                where = ("optimizer_states", 0, "state", index, name)
+                yield f"optimizer {index} {name}", _with(state, where, value)
+        yield f"optimizer {index} = []", _with(state, ("optimizer_states", 0, "state", index), [])
     for index in (-1, 10**6, "0", 1.5):
-        changed = {**moments, index: moments[0]}
-        yield f"optimizer index {index!r}", {**state, "optimizer": {**optimizer, "state": changed}}
+        where = ("optimizer_states", 0, "state", index)
+        yield f"optimizer index {index!r}", _with(state, where, moments[0])
     for value in HOSTILE:
         yield (
             f"param_groups {value!r}",
-            {**state, "optimizer": {**optimizer, "param_groups": value}},
+            _with(state, ("optimizer_states", 0, "param_groups"), value),
         )
-        yield f"scheduler {value!r}", {**state, "scheduler": value}
+        yield f"lr_schedulers {value!r}", _with(state, ("lr_schedulers",), value)
 
 
 def _damaged_bytes(data, rng, count):
@@ -464,12 +542,12 @@ def _damaged_bytes(data, rng, count):
 
 
 def test_fuzzed_resume_checkpoints_load_or_fail_with_one_named_error(tmp_path, checkpoint):
-    original, state = checkpoint
+    """Every file is read by the safe reader and checked before Lightning sees it."""
+    original, state, _ = checkpoint
     rng = random.Random(21)
-    settings = json.loads(state["settings"])
-    student = export_neural_ode(_source(), ExportOptions(gradient="backprop"))
-    parameters = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=settings["lr"])
+    settings = json.loads(state["distillation"]["settings"])
+    options = ExportOptions(gradient="backprop")
+    student = distillation_student(_source(), options, settings["steps"])
     path = tmp_path / "fuzz.ckpt"
     files = []
     for name, content in _mutations(state, rng):
@@ -479,21 +557,27 @@ def test_fuzzed_resume_checkpoints_load_or_fail_with_one_named_error(tmp_path, c
     files.extend(_damaged_bytes(original.read_bytes(), rng, 120))
     assert len(files) >= 300
     outcomes = {"loaded": 0, "refused": 0}
+
+    def resume():
+        content = safe_torch_load(path)
+        return checked_resume(
+            path, content, settings=settings, student=student, epochs=EPOCHS, per_epoch=2
+        )
+
     for name, data in files:
         path.write_bytes(data)
         try:
-            epoch = _resume(path, settings, student, optimizer, epochs=1)
+            checked = resume()
         except ValueError as error:  # CheckpointError included
             assert str(path) in str(error) and "\n" not in str(error).strip(), (name, str(error))
             outcomes["refused"] += 1
         else:
-            assert epoch in (0, 1), name
+            assert checked["epoch"] in range(EPOCHS) and checked["callbacks"] == {}, name
             outcomes["loaded"] += 1
     assert outcomes["refused"] > 250 and outcomes["loaded"] > 0, outcomes
-    restored = export_neural_ode(_source(), ExportOptions(gradient="backprop"))
     path.write_bytes(original.read_bytes())
-    assert _resume(path, settings, restored, optimizer, epochs=1) == 1
-    torch.testing.assert_close(dict(restored.state_dict()), dict(state["model"]), rtol=0, atol=0)
+    checked = resume()
+    torch.testing.assert_close(checked["state_dict"], state["state_dict"], rtol=0, atol=0)
 
 
 def test_cli_distill_refuses_source_weights_holding_nan_and_keeps_the_output(tmp_path, capsys):

@@ -12,7 +12,7 @@ ALLOWED = {
     "core": {"core"},
     "export": {"core", "export"},
     "apps/memory_benchmark": {"core", "export"},
-    "lit": {"core", "lit", "_lightning"},
+    "lit": {"core", "export", "callbacks", "lit", "_lightning"},
     "data": {"core", "data", "_lightning"},
     "callbacks": {"core", "export", "callbacks", "_lightning"},
 }

@@ -1,10 +1,10 @@
 """``RunIf``: one skip marker for what a test needs from the machine, as Lightning's own tests do.
 
-    @RunIf(cuda=True)
-    def test_on_gpu(): ...
+@RunIf(cuda=True)
+def test_on_gpu(): ...
 
-    @RunIf(timm=True, onnxruntime=True)
-    def test_timm_model_through_onnx(): ...
+@RunIf(timm=True, onnxruntime=True)
+def test_timm_model_through_onnx(): ...
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def RunIf(  # noqa: N802 (a marker factory, named as Lightning's)
     if no_cuda and torch.cuda.is_available():
         reasons.append("a machine without CUDA")
     wanted = {"timm": timm, "onnxruntime": onnxruntime, "lightning": lightning}
-    reasons += [name for name, needed in wanted.items() if needed and not _installed(OPTIONAL[name])]
+    reasons += [
+        name for name, needed in wanted.items() if needed and not _installed(OPTIONAL[name])
+    ]
     if not_root and hasattr(os, "geteuid") and os.geteuid() == 0:
         reasons.append("a user other than root")
     return pytest.mark.skipif(bool(reasons), reason=f"needs {', '.join(reasons)}")

@@ -1,5 +1,5 @@
-"""The fixed-grid fast path: torchdiffeq's results on the same grid, weights never stale, and
-binomial checkpointing with backprop's gradients."""
+"""The fixed-grid fast path: torchdiffeq's results on the same grid for every Runge-Kutta method
+it has, weights never stale, and binomial checkpointing with backprop's gradients."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from torch import nn
 
 from resode_lightning import export_neural_ode, ode_resnet
 from resode_lightning.core.models import torchvision_resnet
+from resode_lightning.export.grid import GRID_METHODS
 from resode_lightning.export.revolve import binomial_checkpoint, recomputations
 from resode_lightning.export.solve import NeuralODEStage
 from resode_lightning.testing import randomize_norms
@@ -36,7 +37,7 @@ def small_ode_resnet() -> nn.Module:
     return randomize_norms(ode_resnet(depths=(6,), widths=(8,), init="iid", seed=0)).eval()
 
 
-@pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
+@pytest.mark.parametrize("method", list(GRID_METHODS))
 @pytest.mark.parametrize("steps", [None, 0.5, 7])
 @pytest.mark.parametrize("make", [small_resnet, small_ode_resnet])
 def test_fast_path_gives_torchdiffeq_results_on_the_same_grid(method, steps, make):
@@ -72,7 +73,7 @@ def test_cached_weights_follow_optimizer_steps_and_loads():
         torch.testing.assert_close(stage(x), before)
 
 
-@pytest.mark.parametrize("method", ["euler", "rk4"])
+@pytest.mark.parametrize("method", ["euler", "heun3", "rk4"])
 @pytest.mark.parametrize("make", ["ode_resnet", "resnet50"])
 def test_recursive_gradients_equal_backprop_in_float64(method, make):
     source = (

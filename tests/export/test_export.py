@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers.runif import RunIf
 from torch import nn
 
 from resode_lightning import (
@@ -23,6 +24,7 @@ from resode_lightning import (
 from resode_lightning.cli import main
 from resode_lightning.core.models import torchvision_resnet
 from resode_lightning.core.stages import find_stages
+from resode_lightning.export.options import Backprop, PiecewiseLinear
 from resode_lightning.export.solve import NeuralODEStage
 
 
@@ -204,7 +206,9 @@ def test_autocast_bfloat16_and_half_precision_errors():
 
 def test_save_load_round_trip_without_pickle(tmp_path):
     model = small_ode_resnet()
-    exported = export_neural_ode(model, method="rk4", knots=3, gradient="backprop")
+    exported = export_neural_ode(
+        model, method="rk4", interpolation=PiecewiseLinear(knots=3), gradient=Backprop()
+    )
     path = save_neural_ode(exported, tmp_path / "model.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
     content = torch.load(path, weights_only=True)
@@ -239,7 +243,7 @@ def test_error_paths(tmp_path):
         export_neural_ode(model, method="dopri5", steps=4)
     with pytest.raises(ValueError, match="knots=4 exceeds the depth 3 of stage 'stages.1'"):
         export_neural_ode(model, knots=4)
-    with pytest.raises(ValueError, match="linear path"):
+    with pytest.raises(ValueError, match="knots=2 is an argument of interpolation='linear'"):
         export_neural_ode(model, knots=2, interpolation="constant")
     with pytest.raises(ValueError, match="No residual stage found in Sequential"):
         export_neural_ode(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
@@ -334,7 +338,7 @@ def test_callback_refuses_an_unwritable_path_before_training(tmp_path, kind):
     assert trainer.global_step == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@RunIf(cuda=True)
 def test_cuda_export_matches_and_adjoint_memory_is_flat():
     from resode_lightning.apps.memory_benchmark import memory_benchmark
 

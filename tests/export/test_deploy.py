@@ -10,6 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from helpers.cli import one_line_error
+from helpers.runif import RunIf
 from torch import nn
 from torchvision.models import resnet18, resnet50, resnet152
 
@@ -99,7 +100,7 @@ def test_capturing_the_export_itself_names_deployable_and_adaptive_methods_are_r
     with pytest.raises(RuntimeError, match="deployable"):
         torch.export.export(export, (x,))
     adaptive = export_neural_ode(SOURCES["ode_resnet"], method="dopri5")
-    with pytest.raises(ValueError, match=r"fixed-grid methods \('euler', 'midpoint', 'rk4'\)"):
+    with pytest.raises(ValueError, match=r"fixed-grid methods \('euler', 'midpoint', .*'rk4'\)"):
         deployable(adaptive)
     with pytest.raises(ValueError, match="fixed-grid"):
         deployable(export, method="dopri5")
@@ -235,8 +236,10 @@ def test_files_of_format_2_load_as_they_were_written(tmp_path):
 # ---------------------------------------------------------------- resode export --format
 
 
+@RunIf(onnxruntime=True)
 def test_cli_writes_an_onnx_file_at_half_the_steps_that_onnxruntime_runs(tmp_path, capsys):
-    onnxruntime = pytest.importorskip("onnxruntime")
+    import onnxruntime
+
     source = SOURCES["resnet50"]
     torch.save(to_ode_form(source).state_dict(), tmp_path / "ode.pth")
     out = tmp_path / "resnet50.onnx"

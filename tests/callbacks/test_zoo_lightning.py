@@ -5,6 +5,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from helpers.boring import NestedBackboneModule, loader, quiet_trainer
+from helpers.runif import RunIf
 from torch import nn
 
 from resode_lightning import (
@@ -118,8 +119,8 @@ def _run(tmp_path, make_backbone):
     assert load_neural_ode(export, model=make_backbone()) is not None
 
 
+@RunIf(timm=True)
 def test_timm_resnet50d_like_trains_monitors_exports_and_resumes(tmp_path):
-    pytest.importorskip("timm")
     _run(tmp_path, small_resnet50d)
 
 

@@ -31,7 +31,7 @@ from resode_lightning.cli._config import (
 )
 from resode_lightning.core.io.errors import CheckpointError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "configs" / "digits_ode_resnet.yaml")
 TINY = '--model.backbone_kwargs={"depths": [2], "widths": [4], "init": "tied", "seed": 0}'
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false"]

@@ -19,7 +19,7 @@ from resode_lightning.cli import export, main
 from resode_lightning.core.models import torchvision_resnet
 from resode_lightning.lit.classifier import ImageClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = str(ROOT / "configs" / "digits_ode_resnet.yaml")
 KWARGS = {"depths": [2], "widths": [4], "init": "tied", "seed": 0}
 TINY = '--model.backbone_kwargs={"depths": [2], "widths": [4], "init": "tied", "seed": 0}'

@@ -19,7 +19,7 @@ from resode_lightning.cli.train import COMMANDS
 from resode_lightning.core.models import torchvision_resnet
 from resode_lightning.core.odeform import to_ode_form
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 TINY = '--model.backbone_kwargs={"depths": [2], "widths": [4], "init": "tied", "seed": 0}'
 CPU = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false"]

@@ -5,6 +5,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.runif import RunIf
 from torch import nn
 
 from resode_lightning import (
@@ -243,8 +244,8 @@ def test_deep_stage_exports_to_float32_rounding():
         assert _relative(export_neural_ode(model)(x), model(x)) <= 1e-5
 
 
+@RunIf(timm=True)
 def test_timm_adapters_first_met_inside_a_scope_stay_registered():
-    pytest.importorskip("timm")
     import subprocess
     import sys
 
@@ -277,8 +278,8 @@ class TimmLayersBlock(nn.Module):
         return x + self.branch(x)
 
 
+@RunIf(timm=True)
 def test_timm_fused_norm_act_pair_folds_exactly_and_std_conv_last_layer_is_refused():
-    pytest.importorskip("timm")
     register_block(
         TimmLayersBlock, branch=lambda b, x: b.branch(x), conv_bn_pairs=(("conv1", "bn1"),)
     )

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers.runif import RunIf
 from torch import nn
 
 from resode_lightning import (
@@ -195,9 +196,11 @@ def test_torchvision_video_and_quantizable_resnets_out_of_the_box(build, shape):
         assert relative(export_neural_ode(model)(x), expected) <= 1e-5
 
 
+@RunIf(timm=True)
 def test_timm_nf_resnet_blocks_with_their_own_beta_export_exactly():
     """Each NF block reads a Python float beta of its own: the export carries it per step."""
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = timm.create_model("nf_resnet50", num_classes=10).eval().double()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -310,10 +313,12 @@ def test_a_skip_written_in_the_containers_loop_is_named_with_the_way_out():
         assert relative(export_neural_ode(exposed)(x), authors(x)) <= 1e-5
 
 
+@RunIf(timm=True)
 @pytest.mark.parametrize("name", ["cspresnet50", "cspresnext50", "nf_resnet50", "nf_regnet_b1"])
 def test_timm_csp_and_nf_nets_out_of_the_box(name):
     """Found, converted and exported with no registration, within 1e-5 in float32."""
-    timm = pytest.importorskip("timm")
+    import timm
+
     model = randomize_norms(timm.create_model(name, num_classes=10).eval())
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
@@ -355,14 +360,14 @@ def test_a_registered_block_without_pairs_folds_what_its_graph_shows():
 class Flip(nn.Module):
     """A block whose code branches on a flag of its own."""
 
-    def __init__(self, flip: bool):
+    def __init__(self, flip: int):
         super().__init__()
         self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.flip = flip
+        self.flip = bool(flip)
 
     def forward(self, x):
         out = self.conv(x)
-        if self.flip:
+        if self.flip:  # a flag the block's code branches on
             out = -out
         return x + out
 
@@ -373,7 +378,9 @@ def test_blocks_that_differ_in_anything_but_tensors_and_floats_are_refused_not_w
     dilated = [torchvision.models.resnet.BasicBlock(4, 4) for _ in range(3)]
     dilated[1].conv1 = nn.Conv2d(4, 4, 3, padding=2, dilation=2, bias=False)
     cases = {
-        "the blocks differ in flip (False, True)": nn.Sequential(Flip(False), Flip(True), Flip(False)),
+        "the blocks differ in flip (False, True)": nn.Sequential(
+            Flip(False), Flip(True), Flip(False)
+        ),
         "conv1.dilation ((1, 1), (2, 2))": nn.Sequential(*dilated),
     }
     for named, model in cases.items():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import inspect
-import os
 import sys
 import typing
 from pathlib import Path
@@ -23,13 +22,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from helpers.boring import NestedBackboneModule, loader, quiet_trainer
+from helpers.runif import RunIf
 
 import resode_lightning.callbacks as callbacks
 from resode_lightning import NeuralODEExport, SmoothnessMonitor, ode_resnet
 from resode_lightning.core import metrics as metrics_module
 from resode_lightning.core.metrics import METRICS
 
-V1_STATE = Path(__file__).parent / "data" / "smoothness_monitor_state_v1.pt"
+V1_STATE = Path(__file__).parents[1] / "fixtures" / "smoothness_monitor_state_v1.pt"
 V1_METRICS = ["weight_norm", "lipschitz", "total_variation", "relative_roughness", "curvature"]
 """The order of the last dimension of a version-1 state's ``"metrics"``."""
 STAGES = ("net.backbone.stages.0", "net.backbone.stages.1")
@@ -190,13 +190,12 @@ def test_every_callback_hook_is_typed_and_overrides_a_lightning_hook():
                 assert hints["pl_module"] is pl.LightningModule, f"{name}.{hook}"
 
 
+@RunIf(not_root=True)  # root writes into read-only folders: chmod cannot lock one
 def test_export_refuses_a_read_only_folder_before_training(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("this user writes into read-only folders (root): chmod cannot lock one")
         for path in (locked / "ode.pt", locked / "sub" / "ode.pt"):
             module = NestedBackboneModule(ode_resnet(depths=(2,), widths=(4,), seed=0))
             trainer = quiet_trainer(max_steps=1, callbacks=[NeuralODEExport(path)])

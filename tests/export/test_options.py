@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 
 import pytest
@@ -250,8 +251,14 @@ def test_a_lightning_config_gives_groups_by_name_or_class_path():
 
     def options(config: str) -> ExportOptions:
         parsed = parser.parse_args(["--export", '{"path": "x.pt", "options": ' + config + "}"])
-        return parser.instantiate(parsed).export.options
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every value, defaults included, is written back
+            saved = parser.dump(parsed)  # as LightningCLI saves a run's config.yaml
+        again = parser.instantiate(parser.parse_string(saved)).export.options
+        assert again == parser.instantiate(parsed).export.options
+        return again
 
+    assert options('{"method": "rk4"}') == ExportOptions(method="rk4")
     assert options('{"method": "rk4", "gradient": "adjoint"}') == ExportOptions(
         method="rk4", gradient=Adjoint()
     )
