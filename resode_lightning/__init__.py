@@ -5,6 +5,7 @@ are importable but internal: their modules and names may move.
 """
 
 from resode_lightning.callbacks import (
+    DepthGrowth,
     DepthSampling,
     NeuralODEExport,
     ODEForm,
@@ -49,6 +50,7 @@ __all__ = [
     "BlockAdapterError",
     "CIFAR10DataModule",
     "CheckpointError",
+    "DepthGrowth",
     "DepthSampling",
     "DigitsDataModule",
     "ExportOptions",

@@ -9,7 +9,6 @@ fraction of the full network's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,10 +17,18 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback, lightning_pytorch
+from resode_lightning.callbacks._growth_state import (
+    STATE_VERSION,
+    check_state,
+    is_epoch,
+    is_index,
+    is_number,
+)
+from resode_lightning.callbacks._trainer import averaged_copies, first_tensor
+from resode_lightning.callbacks.depth_sampling import DepthSampling
 from resode_lightning.core.budget import steps_per_stage
 from resode_lightning.core.growth import DepthChange, carry_optimizer_state, grow_depth
 from resode_lightning.core.metrics import ALL, smoothness_metrics
@@ -31,8 +38,6 @@ from resode_lightning.core.paths import INTERPOLATIONS, Interpolation
 from resode_lightning.core.stages import Stage, find_stages
 
 PREFIX = "depth_growth"
-STATE_VERSION = 1
-"""Version of the state :class:`DepthGrowth` records in checkpoints."""
 
 
 class DepthGrowth(Callback):
@@ -62,12 +67,13 @@ class DepthGrowth(Callback):
     When the run starts (``setup`` of ``fit``) the stages are shrunk to the first fraction, the
     same way, before the optimizers are built. The stages grow at the first training batch of
     the epochs of ``epochs``; with ``trigger``, also earlier: at the first batch of an epoch
-    (one epoch at least after the last growth) when the Lipschitz constant in depth of every
-    stage still to grow (``L · max_k ||θ_{k+1} - θ_k||``, the ``lipschitz`` metric that
-    :class:`~resode_lightning.SmoothnessMonitor` logs) changed by less than ``trigger`` (relative)
-    over the last epoch: the weight path has settled at this resolution. The constant is
-    computed from the weights at the start of each epoch, so a resumed run takes the same
-    decisions.
+    when the Lipschitz constant in depth of every stage still to grow
+    (``L · max_k ||θ_{k+1} - θ_k||``, the ``lipschitz`` metric that
+    :class:`~resode_lightning.SmoothnessMonitor` logs) changed by less than ``trigger``
+    (relative) over the last epoch, both readings taken after an epoch of training at the
+    current depths (so each depth trains for two epochs at least): the weight path has settled
+    at this resolution. The constant is read from the weights at the start of each epoch, so a
+    resumed run takes the same decisions.
 
     Checkpoints record the current depths and the schedule's progress in the callback's state.
     Resuming (``ckpt_path``) with the callback rebuilds the freshly built model at the
@@ -88,15 +94,19 @@ class DepthGrowth(Callback):
         trigger: grow as soon as the Lipschitz constant in depth of every stage still to grow
             changes by less than this fraction over an epoch (``None``: the schedule alone).
         interpolation: weight path between blocks: ``"constant"`` (each new block takes the
-            weights of the old block whose step it falls in, so the field the stage integrates
-            is kept; the smaller error) or ``"linear"``.
+            weights of the old block whose step it falls in: the field the stage integrates is
+            kept, the Lipschitz constant in depth doubles when the depth does) or ``"linear"``
+            (the constant is kept, the field is not: on ``benchmarks/growth.py``'s torchvision
+            ResNet, growing 3 blocks to 15 linearly cost 16 pt of accuracy, constantly none).
         probe_samples: samples of the growth epoch's first training batch (rank 0's) on which
             the error of each growth is measured.
 
     Raises:
         ValueError: at construction, for an invalid argument; at setup, for a module without
             residual stages, blocks whose step cannot be changed or that are not numbered
-            consecutively, a strategy other than single-device or DDP, ``epochs`` not before
+            consecutively, a strategy other than single-device or DDP, a
+            :class:`~resode_lightning.callbacks.DepthSampling` callback (it holds the stages as
+            they were when fitting started), ``epochs`` not before
             ``max_epochs`` (or fractions without ``max_epochs``); when fitting starts, for an
             optimizer whose state cannot be carried; at restore, for a checkpoint state that is
             not this callback's or was recorded for other stage depths.
@@ -110,7 +120,7 @@ class DepthGrowth(Callback):
     Example::
 
         >>> from pytorch_lightning import Trainer
-        >>> from resode_lightning.callbacks import DepthGrowth
+        >>> from resode_lightning import DepthGrowth
         >>> trainer = Trainer(max_epochs=15, callbacks=[DepthGrowth((0.25, 0.5, 1.0), (5, 10))])
     """
 
@@ -126,7 +136,7 @@ class DepthGrowth(Callback):
         depths, epochs = tuple(depths), tuple(epochs)
         if (
             len(depths) < 2
-            or not all(_number(f) and 0 < f <= 1 for f in depths)
+            or not all(is_number(f) and 0 < f <= 1 for f in depths)
             or any(a >= b for a, b in zip(depths, depths[1:]))
             or depths[-1] != 1
         ):
@@ -134,13 +144,13 @@ class DepthGrowth(Callback):
                 f"DepthGrowth(depths=...) must be at least two increasing fractions in (0, 1], "
                 f"the last 1.0, got {depths!r}"
             )
-        if len(epochs) != len(depths) - 1 or not all(_epoch(e) for e in epochs):
+        if len(epochs) != len(depths) - 1 or not all(is_epoch(e) for e in epochs):
             raise ValueError(
                 f"DepthGrowth(epochs=...) needs one epoch per growth ({len(depths) - 1} for "
                 f"depths={depths!r}): ints >= 1 or fractions of max_epochs in (0, 1), got "
                 f"{epochs!r}"
             )
-        if trigger is not None and not (_number(trigger) and 0 < trigger < 1):
+        if trigger is not None and not (is_number(trigger) and 0 < trigger < 1):
             raise ValueError(
                 f"DepthGrowth(trigger=...) must be a fraction in (0, 1) or None, got {trigger!r}"
             )
@@ -149,7 +159,7 @@ class DepthGrowth(Callback):
                 f"DepthGrowth(interpolation=...) must be one of {INTERPOLATIONS}, got "
                 f"{interpolation!r}"
             )
-        if not _index(probe_samples) or probe_samples < 1:
+        if not is_index(probe_samples) or probe_samples < 1:
             raise ValueError(
                 f"DepthGrowth(probe_samples=...) must be a positive int, got {probe_samples!r}"
             )
@@ -188,12 +198,18 @@ class DepthGrowth(Callback):
                 f"DepthGrowth rebuilds the module's stages in each process and works with "
                 f"single-device and DDP strategies, not {type(trainer.strategy).__name__}"
             )
+        if any(isinstance(callback, DepthSampling) for callback in trainer.callbacks):
+            raise ValueError(
+                "DepthGrowth changes the stages' depth while training; DepthSampling holds the "
+                "stages as they were when fitting started: use one of them per fit (grow "
+                "first, then fine-tune with DepthSampling in a second fit)"
+            )
         stages = _stages(pl_module)
         self._targets, self._names = [s.depth for s in stages], [s.name for s in stages]
         _hook_restore(self, trainer, pl_module)
         if stage != "fit":
             return
-        self._epochs = self._resolve_epochs(trainer.max_epochs)
+        self._epochs = self._resolve_epochs(trainer.max_epochs, check=not trainer.fast_dev_run)
         self._level, self._checked_epoch, self._readings, self._growths = 0, -1, None, []
         _resize(pl_module, self.stage_depths(0), self.interpolation)
         self._names = [s.name for s in _stages(pl_module)]
@@ -208,7 +224,7 @@ class DepthGrowth(Callback):
                     f"of {type(optimizer).__name__}"
                 )
         depths = [s.depth for s in _stages(pl_module)]
-        for module in _averaged(trainer):
+        for module in averaged_copies(trainer):
             _resize(module, depths, self.interpolation)
 
     @override
@@ -221,14 +237,16 @@ class DepthGrowth(Callback):
         self._checked_epoch = epoch
         level = max(self._level, sum(e <= epoch for e in self._epochs))
         readings = None
-        if self.trigger is not None and self._level < len(self.depths) - 1:
-            readings = _lipschitz(pl_module)
-            if level == self._level and self._settled(readings):
-                level += 1
+        if self.trigger is not None:
+            # a reading counts once the current depths have trained for an epoch
+            if epoch > 0 and self._level < len(self.depths) - 1:
+                readings = _lipschitz(pl_module)
+                if level == self._level and self._settled(readings):
+                    level += 1
             level = trainer.strategy.broadcast(level, src=0)
         if level > self._level:
             self._grow(trainer, pl_module, batch, level)
-            readings = _lipschitz(pl_module) if readings is not None else None
+            readings = None
         self._readings = readings
 
     @override
@@ -256,11 +274,18 @@ class DepthGrowth(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state = self._parse(state_dict)
+        state = check_state(state_dict, **self._settings())
         self._level = state["level"]
         self._checked_epoch = state["checked_epoch"]
         self._readings = state["readings"]
         self._growths = state["growths"]
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "fractions": self.depths,
+            "targets": self._targets,
+            "stage_depths": self.stage_depths,
+        }
 
     def _adopt(
         self, pl_module: nn.Module, checkpoint: dict[str, Any], averaged: list[nn.Module]
@@ -272,7 +297,7 @@ class DepthGrowth(Callback):
             depths = list(self._targets)
             self._level = len(self.depths) - 1
         else:
-            depths = self._parse(state)["depths"]
+            depths = check_state(state, **self._settings())["depths"]
         for module in (pl_module, *averaged):
             _resize(module, depths, self.interpolation)
         self._names = [s.name for s in _stages(pl_module)]
@@ -280,7 +305,7 @@ class DepthGrowth(Callback):
     def _grow(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, level: int
     ) -> None:
-        probe = _first_tensor(batch)
+        probe = first_tensor(batch)
         if probe is not None:
             probe = probe[: self.probe_samples].detach().to("cpu", copy=True)
             probe = trainer.strategy.broadcast(probe, src=0).to(pl_module.device)
@@ -289,34 +314,34 @@ class DepthGrowth(Callback):
         self._names = [s.name for s in _stages(pl_module)]
         for optimizer in trainer.optimizers:
             carry_optimizer_state(optimizer, change)
-        for module in _averaged(trainer):
+        for module in averaged_copies(trainer):
             _resize(module, depths, self.interpolation)
         strategy = trainer.strategy
         if isinstance(strategy.model, DistributedDataParallel):
             strategy.model = strategy.lightning_module
             strategy.configure_ddp()
         self._level = level
+        # the ranks' BatchNorm statistics differ until DDP broadcasts rank 0's: its errors count
+        errors, output_error = strategy.broadcast((change.errors, change.output_error), src=0)
         record = {
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "depths": {name: list(pair) for name, pair in change.depths.items()},
-            "errors": dict(change.errors),
-            "output_error": change.output_error,
+            "errors": dict(errors),
+            "output_error": output_error,
         }
         self._growths.append(record)
         for name, (_, depth) in change.depths.items():
             pl_module.log(f"{PREFIX}/{name}/depth", float(depth), on_step=True, on_epoch=False)
-        for name, error in change.errors.items():
+        for name, error in errors.items():
             pl_module.log(f"{PREFIX}/{name}/error", error, on_step=True, on_epoch=False)
-        if change.output_error is not None:
-            pl_module.log(
-                f"{PREFIX}/output_error", change.output_error, on_step=True, on_epoch=False
-            )
+        if output_error is not None:
+            pl_module.log(f"{PREFIX}/output_error", output_error, on_step=True, on_epoch=False)
         grown = ", ".join(f"{name} {a} -> {b}" for name, (a, b) in change.depths.items())
-        errors = ", ".join(f"{name} {e:.3g}" for name, e in change.errors.items())
+        measured = ", ".join(f"{name} {e:.3g}" for name, e in errors.items())
         rank_zero_info(
             f"DepthGrowth: epoch {trainer.current_epoch}: {grown} blocks"
-            + (f"; error on the probe: {errors}" if errors else "")
+            + (f"; error on the probe: {measured}" if measured else "")
         )
 
     def _settled(self, readings: list[float]) -> bool:
@@ -335,7 +360,9 @@ class DepthGrowth(Callback):
             for i in growing
         )
 
-    def _resolve_epochs(self, max_epochs: int | None) -> list[int]:
+    def _resolve_epochs(self, max_epochs: int | None, *, check: bool = True) -> list[int]:
+        """``epochs`` as epoch indices; unless ``check`` (``fast_dev_run``), refused when they
+        do not increase or do not come before ``max_epochs``."""
         known = max_epochs is not None and max_epochs >= 0
         if not known and any(isinstance(e, float) for e in self.epochs):
             raise ValueError(
@@ -343,6 +370,8 @@ class DepthGrowth(Callback):
                 f"Trainer has none: give epoch indices, or set Trainer(max_epochs=...)"
             )
         epochs = [max(1, int(e * max_epochs)) if isinstance(e, float) else e for e in self.epochs]
+        if not check:
+            return epochs
         if any(a >= b for a, b in zip(epochs, epochs[1:])):
             raise ValueError(
                 f"DepthGrowth(epochs={self.epochs!r}) gives the growth epochs {epochs} with "
@@ -355,67 +384,6 @@ class DepthGrowth(Callback):
                 f"built; give earlier epochs"
             )
         return epochs
-
-    def _parse(self, state: object) -> dict[str, Any]:
-        """A checkpoint state of this callback, checked against the module's stages."""
-        expected = [
-            "checked_epoch",
-            "depths",
-            "growths",
-            "level",
-            "readings",
-            "stages",
-            "targets",
-            "version",
-        ]
-        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        if keys != expected:
-            raise ValueError(f"DepthGrowth: a checkpoint state holds {expected}, got {keys!r}")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(
-                f"DepthGrowth: checkpoint state version {state['version']!r}, this version "
-                f"reads {STATE_VERSION}"
-            )
-        if state["targets"] != self._targets:
-            raise ValueError(
-                f"DepthGrowth: the checkpoint grows its stages to {state['targets']!r} blocks, "
-                f"but the module was built with {self._targets}: build it at the depths of the "
-                f"run that wrote the checkpoint"
-            )
-        level = state["level"]
-        if not _index(level) or level >= len(self.depths):
-            raise ValueError(
-                f"DepthGrowth: checkpoint 'level' must be an int in [0, {len(self.depths) - 1}] "
-                f"(one per fraction of depths={self.depths}), got {level!r}"
-            )
-        if state["depths"] != self.stage_depths(level):
-            raise ValueError(
-                f"DepthGrowth: the checkpoint holds stages of {state['depths']!r} blocks at "
-                f"level {level}, but depths={self.depths} gives {self.stage_depths(level)}: "
-                f"resume with the DepthGrowth settings of the run that wrote it"
-            )
-        checked = state["checked_epoch"]
-        if not (_index(checked) or checked == -1):
-            raise ValueError(
-                f"DepthGrowth: checkpoint 'checked_epoch' must be an int >= -1, got {checked!r}"
-            )
-        readings = state["readings"]
-        if readings is not None and not (
-            isinstance(readings, list)
-            and len(readings) == len(self._targets)
-            and all(_number(r) and math.isfinite(r) for r in readings)
-        ):
-            raise ValueError(
-                f"DepthGrowth: checkpoint 'readings' must be None or one finite number per "
-                f"stage, got {readings!r}"
-            )
-        growths = state["growths"]
-        if not isinstance(growths, list) or not all(_record(r) for r in growths):
-            raise ValueError(
-                "DepthGrowth: checkpoint 'growths' must be a list of growth records (epoch, "
-                "step, depths, errors, output_error)"
-            )
-        return state
 
 
 _STRATEGIES: tuple[type, ...] = (pl.strategies.SingleDeviceStrategy, pl.strategies.DDPStrategy)
@@ -449,19 +417,6 @@ def _resize(
     return grow_depth(module, named, interpolation=interpolation, probe=probe)
 
 
-def _averaged(trainer: pl.Trainer) -> list[nn.Module]:
-    """The averaged copies of the module that callbacks keep: ``WeightAveraging``'s
-    ``AveragedModel`` and ``StochasticWeightAveraging``'s copy (their ``_average_model``)."""
-    modules = []
-    for callback in trainer.callbacks:
-        average = getattr(callback, "_average_model", None)
-        if isinstance(average, AveragedModel):
-            average = average.module
-        if isinstance(average, nn.Module) and average is not trainer.lightning_module:
-            modules.append(average)
-    return modules
-
-
 def _lipschitz(module: nn.Module) -> list[float]:
     """The Lipschitz constant in depth of every stage (the monitor's ``lipschitz``)."""
     values = [smoothness_metrics(stage_parameters(s))[ALL]["lipschitz"] for s in _stages(module)]
@@ -478,7 +433,7 @@ def _hook_restore(callback: DepthGrowth, trainer: pl.Trainer, pl_module: nn.Modu
     original = pl_module.on_load_checkpoint
 
     def on_load_checkpoint(checkpoint: dict[str, Any]) -> Any:
-        callback._adopt(pl_module, checkpoint, _averaged(trainer))
+        callback._adopt(pl_module, checkpoint, averaged_copies(trainer))
         return original(checkpoint)
 
     on_load_checkpoint.depth_growth = callback  # type: ignore[attr-defined]
@@ -488,52 +443,3 @@ def _hook_restore(callback: DepthGrowth, trainer: pl.Trainer, pl_module: nn.Modu
 def _unhook_restore(pl_module: nn.Module) -> None:
     if hasattr(pl_module.__dict__.get("on_load_checkpoint"), "depth_growth"):
         del pl_module.on_load_checkpoint
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return _first_tensor(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _first_tensor(next(iter(batch.values())))
-    return None
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _index(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _epoch(value: object) -> bool:
-    if isinstance(value, float):
-        return 0 < value < 1
-    return _index(value) and value >= 1
-
-
-def _record(record: object) -> bool:
-    """Whether ``record`` is a growth record (:attr:`DepthGrowth.growths`)."""
-    if not isinstance(record, dict) or sorted(record) != [
-        "depths",
-        "epoch",
-        "errors",
-        "output_error",
-        "step",
-    ]:
-        return False
-    depths, errors, output = record["depths"], record["errors"], record["output_error"]
-    return (
-        _index(record["epoch"])
-        and _index(record["step"])
-        and isinstance(depths, dict)
-        and all(
-            isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(map(_index, v))
-            for k, v in depths.items()
-        )
-        and isinstance(errors, dict)
-        and all(isinstance(k, str) and _number(v) for k, v in errors.items())
-        and (output is None or _number(output))
-    )

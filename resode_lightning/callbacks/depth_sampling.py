@@ -53,7 +53,8 @@ class DepthSampling(Callback):
     the weight path, and each other fixed-grid method (``rk4``, ``midpoint``) at the same
     number of field evaluations (``max(1, n // evaluations per step)`` steps; ``L``
     included), computed by the blocks themselves with their weights interpolated
-    differentiably where an evaluation falls between two. Each pass's loss,
+    differentiably where an evaluation falls between two. (An export's stages count ``n``
+    steps of their own method instead of Euler's.) Each pass's loss,
     ``loss(output, full_output, batch)`` times its weight, and the ``roughness`` penalty are
     attached to the returned full-depth output: what backpropagates through it (the module's
     own loss) backpropagates them too, scaled as Lightning scales that loss (gradient
@@ -210,6 +211,12 @@ class DepthSampling(Callback):
             self._stages = list(exported.values())
             depths = {name: stage.source_depth for name, stage in exported.items()}
             current = {name: (stage.method, stage.steps) for name, stage in exported.items()}
+            odd = {n: m for n, (m, steps) in current.items() if m not in GRID_METHODS or not steps}
+            if odd:
+                raise ValueError(
+                    f"DepthSampling: stages {odd} of the export run no fixed-grid method of "
+                    f"{tuple(GRID_METHODS)}; set one first (set_steps(model, 1.0, 'euler'))"
+                )
         else:
             self._stages = self._raw_stages(pl_module)
             depths = {stage.name: stage.depth for stage in self._stages}
@@ -239,22 +246,25 @@ class DepthSampling(Callback):
         return stages
 
     def _enumerate(
-        self, depths: dict[str, int], current: dict[str, tuple[str, int | None]]
+        self, depths: dict[str, int], current: dict[str, tuple[str, int]]
     ) -> list[tuple[str, float, str, dict[str, int]]]:
-        """Every setting but the model's own one, and repeats."""
+        """Every setting but the model's own one, and repeats: a count ``n`` of ``steps`` is
+        ``n`` steps of each stage's own method (Euler for blocks), and each method of
+        ``methods`` runs as many steps as take the same field evaluations (at least one)."""
+        own = {name: len(GRID_METHODS[method]) for name, (method, _) in current.items()}
         settings, seen = [], {tuple(current.items())}
         for index, entry in enumerate(self.steps):
             counts = steps_per_stage(entry, depths, depths)
             too_deep = {name: n for name, n in counts.items() if n > depths[name]}
             if too_deep:
                 raise ValueError(
-                    f"DepthSampling: steps {entry} would exceed the depth of stages {too_deep}; give "
-                    f"fractions, or ints up to the shallowest stage's depth"
+                    f"DepthSampling: steps {entry} would exceed the depth of stages "
+                    f"{too_deep}; give fractions, or ints up to the shallowest stage's depth"
                 )
             weight = 1.0 if self.weights is None else self.weights[index]
             for method in self.methods:
                 per_step = len(GRID_METHODS[method])
-                steps = {name: max(1, n // per_step) for name, n in counts.items()}
+                steps = {name: max(1, n * own[name] // per_step) for name, n in counts.items()}
                 key = tuple((name, (method, n)) for name, n in steps.items())
                 if key not in seen:
                     seen.add(key)
@@ -336,6 +346,11 @@ class DepthSampling(Callback):
                 with self._at(method, steps, statistics), running_statistics_kept(self._norms):
                     pass_output = module(*args, **kwargs)
                 loss = (self.loss or inplace_distillation)(pass_output, output, self._batch)
+                if not (isinstance(loss, Tensor) and loss.dim() == 0):
+                    raise ValueError(
+                        f"DepthSampling(loss=...) must return a 0-d tensor, got "
+                        f"{type(loss).__name__} of shape {tuple(getattr(loss, 'shape', ()))}"
+                    )
                 self._logged[label] = loss.detach()
                 terms.append(weight * loss.float())
         finally:

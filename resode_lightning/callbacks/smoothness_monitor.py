@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from resode_lightning._lightning import Callback
+from resode_lightning.callbacks._trainer import first_tensor
 from resode_lightning.core.history import Measurement, SmoothnessHistory
 from resode_lightning.core.metrics import METRICS, depth_consistency, metric_table
 from resode_lightning.core.plots import save_figure, smoothness_figure
@@ -204,7 +205,7 @@ class SmoothnessMonitor(Callback):
         wanted = self.probe_every_n_epochs is not None and self._probe_input is None
         if not wanted or trainer.state.fn != "fit":
             return
-        x = _first_tensor(batch)
+        x = first_tensor(batch)
         if x is None:
             raise ValueError(
                 "SmoothnessMonitor(probe_every_n_epochs=...) needs a validation batch holding "
@@ -382,16 +383,6 @@ def _has_forward(module: nn.Module) -> bool:
     """Whether ``module``'s class (not Lightning's or torch's) defines ``forward``."""
     owner = getattr(type(module).forward, "__module__", "") or ""
     return not owner.startswith(("torch.", "pytorch_lightning.", "lightning."))
-
-
-def _first_tensor(batch: Any) -> Tensor | None:
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return _first_tensor(batch[0])
-    if isinstance(batch, dict) and batch:
-        return _first_tensor(next(iter(batch.values())))
-    return None
 
 
 def _log_dir(trainer: pl.Trainer) -> str | os.PathLike:

@@ -32,7 +32,7 @@ from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.optimizer_state import GRADIENT_ORDERS
 from resode_lightning.core.parameters import ode_lifts
 from resode_lightning.core.paths import INTERPOLATIONS, Interpolation, interpolate, knot_times
-from resode_lightning.core.resample import _renamed_children, _replace_blocks, blocks_at_depth
+from resode_lightning.core.resample import renamed_children, replace_blocks, blocks_at_depth
 from resode_lightning.core.stages import Stage, find_stages, run_stage
 from resode_lightning.core.step import named_parameters_by_key
 from resode_lightning.core.watch import stage_inputs
@@ -141,7 +141,7 @@ def grow_depth(
     for stage in changed:  # every stage checked before anything is replaced
         children = list(stage.container._modules)
         start, stop = stage.indices[0], stage.indices[-1] + 1
-        _renamed_children(stage, children, start, stop, depths[stage.name])
+        renamed_children(stage, children, start, stop, depths[stage.name])
     built = [blocks_at_depth(s, depths[s.name], interpolation=interpolation) for s in changed]
     inputs: dict[str, Tensor] = {}
     before: dict[str, Tensor] = {}
@@ -163,7 +163,7 @@ def grow_depth(
             )
             convert_stage(holder, 1.0, rescale=False)
             unconvert_stage(holder)
-        _replace_blocks(stage, blocks)  # later runs of a container first: earlier indices hold
+        replace_blocks(stage, blocks)  # later runs of a container first: earlier indices hold
     found = {id(s.blocks[0]): s for s in find_stages(model)}
     new_stages = [found[id(blocks[0])] for blocks in built]
     tensors = []

@@ -66,11 +66,13 @@ def blocks_at_depth(
     return new_blocks
 
 
-def _replace_blocks(stage: Stage, new_blocks: list[nn.Module]) -> None:
+def replace_blocks(stage: Stage, new_blocks: list[nn.Module]) -> None:
+    """Put ``new_blocks`` in place of the stage's blocks in its container, renamed in its
+    numbering scheme (see :func:`renamed_children`)."""
     container = stage.container
     names = list(container._modules)
     start, stop = stage.indices[0], stage.indices[-1] + 1
-    renamed = _renamed_children(stage, names, start, stop, len(new_blocks))
+    renamed = renamed_children(stage, names, start, stop, len(new_blocks))
     children = list(container._modules.values())
     children = children[:start] + new_blocks + children[stop:]
     container._modules.clear()
@@ -88,7 +90,7 @@ def _replace_blocks(stage: Stage, new_blocks: list[nn.Module]) -> None:
         )
 
 
-def _renamed_children(
+def renamed_children(
     stage: Stage, names: list[str], start: int, stop: int, count: int
 ) -> list[str]:
     """Child names after resampling: the run's numbering scheme (``3``, ``b3``, ``block4-3``)
@@ -161,5 +163,5 @@ def resample_depth(
         convert_stage(stage, 1.0)
         count = steps.get(stage.name) if isinstance(steps, Mapping) else steps
         if count is not None and count != stage.depth:
-            _replace_blocks(stage, blocks_at_depth(stage, count, interpolation=interpolation))
+            replace_blocks(stage, blocks_at_depth(stage, count, interpolation=interpolation))
     return model
