@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from resode_lightning.callbacks import DepthSampling, NeuralODEExport, SmoothnessMonitor
+from resode_lightning._lightning import Callback
+from resode_lightning.callbacks import (
+    DepthGrowth,
+    DepthSampling,
+    NeuralODEExport,
+    SmoothnessMonitor,
+)
 from resode_lightning.cli import main as resode
 from resode_lightning.cli.train import cli
 from resode_lightning.core.io.atomic import atomic_save, atomic_write, atomic_write_text
@@ -39,6 +45,8 @@ from resode_lightning.testing import randomize_norms
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # package data: runs from a wheel
 RUNS = {"tied": "digits_ode_resnet.yaml", "iid": "digits_iid.yaml"}
 SAMPLED = "tied, depth-sampled"
+GROWN = "tied, depth-grown"
+GROWTH = {"depths": (0.125, 0.25, 0.5, 1.0), "epochs": (1 / 3, 0.6, 0.8)}  # 2 -> 16 blocks
 CONVERSION_TOLERANCE = 1e-5
 
 
@@ -68,10 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs[SAMPLED] = train_and_evaluate(
         Path(args.configs) / RUNS["tied"], args.max_epochs, out, SAMPLED, sampling=True
     )
+    print("\n== training the tied-init ODE-ResNet with DepthGrowth ==", flush=True)
+    runs[GROWN] = train_and_evaluate(
+        Path(args.configs) / RUNS["tied"], args.max_epochs, out, GROWN, growth=True
+    )
     print("\n== converting a torchvision resnet18 to ODE form ==", flush=True)
     conversion = check_conversion(out)
     plot_accuracy(runs, out / "accuracy_vs_steps.png")
     plot_lipschitz(runs, out / "lipschitz.png")
+    plot_growth(runs, out / "growth.png")
     elapsed = time.perf_counter() - started
     device = describe_device(threads)
     results = {
@@ -95,10 +108,15 @@ def idle_cores() -> int:
 
 
 def train_and_evaluate(
-    config: Path, max_epochs: int | None, out: Path, init: str, sampling: bool = False
+    config: Path,
+    max_epochs: int | None,
+    out: Path,
+    init: str,
+    sampling: bool = False,
+    growth: bool = False,
 ) -> dict[str, Any]:
-    """Fit one config (with DepthSampling added when ``sampling``), then measure test accuracy
-    of the exported neural ODE at several steps."""
+    """Fit one config (with DepthSampling added when ``sampling``, DepthGrowth when
+    ``growth``), then measure test accuracy of the exported neural ODE at several steps."""
     if not config.is_file():
         raise FileNotFoundError(
             f"demo config {str(config)!r} not found; run from a clone of the repo"
@@ -112,6 +130,11 @@ def train_and_evaluate(
     if sampling:
         run.trainer.callbacks.append(DepthSampling(steps=(1.0, 0.5, 0.25)))
         export.path = export.path.with_name(f"{export.path.stem}_sampled{export.path.suffix}")
+    if growth:
+        run.trainer.callbacks.append(DepthGrowth(**GROWTH))
+        export.path = export.path.with_name(f"{export.path.stem}_grown{export.path.suffix}")
+    timeline = _Timeline()
+    run.trainer.callbacks.append(timeline)
     started = time.perf_counter()
     run.trainer.fit(run.model, run.datamodule)
     train_s = time.perf_counter() - started
@@ -153,7 +176,24 @@ def train_and_evaluate(
         "final_smoothness": final,
         "lipschitz_steps": record["step"].tolist(),
         "lipschitz": lipschitz.tolist(),
+        "val_accuracy_over_time": timeline.points,
     }
+
+
+class _Timeline(Callback):
+    """Validation accuracy at the end of each epoch, against seconds since fitting started."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, float]] = []
+        self._started = 0.0
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._started = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        accuracy = trainer.callback_metrics.get("val/acc")
+        if accuracy is not None and not trainer.sanity_checking:
+            self.points.append((time.perf_counter() - self._started, float(accuracy)))
 
 
 def _callback(trainer, kind: type) -> Any:
@@ -242,6 +282,21 @@ def plot_lipschitz(runs: dict[str, dict[str, Any]], path: Path) -> None:
     axis.set_xlabel("optimizer step")
     axis.set_ylabel(r"Lipschitz in depth $L \cdot \max_k \|\theta_{k+1} - \theta_k\|$")
     axis.set_yscale("symlog", linthresh=1.0)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
+
+
+def plot_growth(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    """Validation accuracy against training time: normal training and DepthGrowth."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5, 3.4), layout="constrained")
+    axis = figure.subplots()
+    for init in ("tied", GROWN):
+        seconds, accuracy = zip(*runs[init]["val_accuracy_over_time"], strict=True)
+        axis.plot(seconds, [100 * a for a in accuracy], "o-", ms=3, label=_label(init))
+    axis.set(xlabel="training time (s)", ylabel="validation accuracy (%)")
     axis.legend()
     axis.grid(alpha=0.3)
     atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=100))
@@ -346,12 +401,25 @@ def render_report(
         "",
         "![Lipschitz constant over training](lipschitz.png)",
         "",
-        "Heatmaps of ||θ_{k+1} − θ_k|| (depth index × training step) and the Lipschitz constant, "
+        "Heatmaps of the slope L·||θ_{k+1} − θ_k|| (depth × step) and the Lipschitz constant, "
         "as `SmoothnessMonitor` draws them:",
         "",
         "tied init: ![tied](smoothness_tied.png)",
         "",
         "iid init: ![iid](smoothness_iid.png)",
+        "",
+        "## Train faster by growing depth",
+        "",
+        f"The tied-init net trained a third time with `DepthGrowth(depths={GROWTH['depths']}, "
+        "epochs=(1/3, 0.6, 0.8))`: the stage starts at 2 blocks and doubles by interpolation in "
+        f"depth to {depth} over the same epochs. Test accuracy "
+        f"{100 * runs[GROWN]['accuracy']['resnet']:.1f}% against "
+        f"{100 * tied['accuracy']['resnet']:.1f}% for normal training, in "
+        f"{runs[GROWN]['train_s']:.0f} s against {tied['train_s']:.0f} s "
+        f"({runs[GROWN]['train_s'] / tied['train_s']:.2f}x; one run on a shared machine, see "
+        "`benchmarks/growth.py` for 3 seeds).",
+        "",
+        "![validation accuracy against training time](growth.png)",
         "",
         "## Converting torchvision ResNets to ODE form",
         "",
