@@ -6,10 +6,13 @@ training order; nothing downloaded):
 - ``tied``/``iid``, ``normal``/``sampled``: an ``ode_resnet`` with one stage of L = 16 blocks
   of width 16 (``configs/digits_ode_resnet.yaml``: the demo's SGD schedule, 15 epochs), tied or
   i.i.d. initialisation, trained normally or with :class:`~resode_lightning.DepthSampling`
-  (``steps=(1.0, 0.5, 0.25)``), then exported (BatchNorm folded);
+  (``steps=(1.0, 0.5, 0.25)``, each pass's loss the cross-entropy on the labels), then
+  exported (BatchNorm folded); the tied net also with DepthSampling's options of
+  :data:`SAMPLING` (issue 20: anytime nets that stay ODEs): RK4 passes beside the Euler ones
+  (``sampled+rk4``), a roughness penalty in depth (``sampled+roughness``), both;
 - ``iid net``: the normally trained i.i.d. net (the demo's), as a source for the already-trained
   path: ``plain export``; ``knot projection`` (the weight path fitted at L/2 knots, no
-  training); ``fine-tune`` (:func:`~resode_lightning.export.distill.distill_depth` at full depth
+  training); ``fine-tune`` (:func:`~resode_lightning.distill_depth` at full depth
   only); ``distilled`` (``distill_depth`` at ``(1.0, 0.5, 0.25)``), 5 epochs each, AdamW at
   :data:`DISTILL_LR`, the distilled arm with the further settings of :data:`DISTILL_RECIPE`;
 - ``resnet``: ``torchvision.models.ResNet(BasicBlock, [2, 2, 16, 2])`` (stages: layer1 with 2
@@ -29,7 +32,11 @@ Trained networks and per-arm results are cached under ``--runs`` (default
 report (``results/anytime.{json,md,png}``, or ``--output``) is written from every cached result
 of the seeds. The distillation recipe of the ``iid net`` (:data:`DISTILL_RECIPE`) was chosen on
 seeds 0 to 2; ``--seeds 3 4 5 --output anytime_heldout`` checks it on seeds it was not chosen
-on.
+on. The DepthSampling options alone, against the Euler-only arm (about 5 minutes a seed on one
+idle thread, more on a shared machine):
+
+    python benchmarks/anytime.py --arms "tied sampled" "tied sampled+rk4" \
+        "tied sampled+roughness" --output anytime_solvers
 """
 
 from __future__ import annotations
@@ -52,10 +59,11 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 from resode_lightning import DepthSampling, DigitsDataModule, ImageClassifier, ode_resnet
 from resode_lightning.apps.demo import CONFIGS
+from resode_lightning.callbacks.depth_passes import inplace_distillation
 from resode_lightning.core.io.atomic import atomic_save, atomic_write, atomic_write_text
 from resode_lightning.core.stages import find_stages
 from resode_lightning.export import accuracy_vs_steps, export_neural_ode
-from resode_lightning.export.distill import distill_depth
+from resode_lightning.lit.distillation import distill_depth
 
 SETTINGS: list[tuple[str, float]] = [
     ("euler", 1.0),
@@ -68,16 +76,22 @@ SETTINGS: list[tuple[str, float]] = [
 """(method, steps as a fraction of each stage's depth): Euler at L, L/2, L/4 and RK4 at the
 same field evaluations."""
 BUDGETS = {1.0: "L", 0.5: "L/2", 0.25: "L/4"}
+SOLVERS = {"methods": ("euler", "rk4"), "weights": (0.4, 0.4, 0.4)}
 SAMPLING: dict[str, dict[str, Any]] = {
     "sampled": {},
-    "sampled+rk4": {"methods": ("euler", "rk4")},
+    "sampled+rk4": SOLVERS,
     "sampled+roughness": {"roughness": 1e-3},
-    "sampled+rk4+roughness": {"methods": ("euler", "rk4"), "roughness": 1e-3},
+    "sampled+roughness-1e-2": {"roughness": 1e-2},
+    "sampled+rk4+roughness": {**SOLVERS, "roughness": 1e-3},
+    "sampled+kl": {"loss": inplace_distillation},
 }
 """DepthSampling settings of each ``<init> <training>`` arm besides ``steps=(1.0, 0.5, 0.25)``
-and the loss on the labels (:func:`label_loss`): Euler only; Euler and RK4 at the same field
-evaluations (RK4 at L/4, L/8, L/16 steps); Euler with the roughness penalty in depth (first
-differences); both."""
+and its default loss (the cross-entropy on the labels): Euler only (two passes besides full depth);
+Euler and RK4 at the same field evaluations (RK4 at L/4, L/8, L/16 steps; five passes, each
+weighted 0.4 so that they weigh what the Euler-only arm's two do: at weight 1, the demo's SGD
+at lr 0.5 diverged within 10 batches); Euler with the roughness penalty in depth (first
+differences; weight 1e-3, and 1e-2 tried); both; Euler only with the KL divergence to the
+full-depth output's softmax instead of the labels (``inplace_distillation``)."""
 SCRATCH = (
     "tied normal",
     "tied sampled",
@@ -202,18 +216,13 @@ def scratch_net(
     def train(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
         callbacks = []
         if training in SAMPLING:
-            options = {"steps": (1.0, 0.5, 0.25), "seed": seed, "loss": label_loss}
-            callbacks.append(DepthSampling(**options, **SAMPLING[training]))
+            options = {"steps": (1.0, 0.5, 0.25), "seed": seed, **SAMPLING[training]}
+            callbacks.append(DepthSampling(**options))
         model, seconds = fit(model, data, config["model"], epochs, seed, callbacks)
         return model, {"train_s": seconds, "epochs": epochs}
 
     model, record = cache.net(f"{init} {training}", seed, build, train)
     return model, data, record
-
-
-def label_loss(output: torch.Tensor, full: torch.Tensor, batch: Any) -> torch.Tensor:
-    """The loss of a fewer-step pass: cross-entropy on the labels, as the classifier's."""
-    return nn.functional.cross_entropy(output, batch[1])
 
 
 def resnet_net(cache: Cache, seed: int, epochs: int) -> tuple[nn.Module, Any, dict]:
@@ -468,9 +477,38 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     return checks
 
 
-def costs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """What each DepthSampling option costs at Euler against the Euler-only arm, per seed:
-    accuracy at L, L/2, L/4 and training time (the arms of a seed run one after the other)."""
+def epoch_times(cache: Cache, seed: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of one training epoch of each tied arm of :data:`SAMPLING`, the arms
+    interleaved in one process (same data, same initialisation; the order rotated from round
+    to round, after one untimed epoch), so that a shared machine's drift falls on all of them
+    alike; cached in ``--runs``."""
+    path = cache.root / f"epoch_times_{seed}_{rounds}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    config = demo_config()
+    data = digits(seed, config["data"]["image_size"])
+
+    def epoch(training: str) -> float:
+        kwargs = {**config["backbone"], "init": "tied", "seed": seed}
+        net = ode_resnet(**kwargs, num_classes=10, in_channels=1)
+        options = {"steps": (1.0, 0.5, 0.25), "seed": seed, **SAMPLING[training]}
+        sampling = DepthSampling(**options)
+        return fit(net, data, config["model"], 1, seed, [sampling])[1]
+
+    epoch("sampled")  # the process's first fit pays one-time costs
+    arms = list(SAMPLING)
+    times: dict[str, list[float]] = {f"tied {training}": [] for training in arms}
+    for round_ in range(rounds):
+        for training in arms[round_ % len(arms) :] + arms[: round_ % len(arms)]:
+            times[f"tied {training}"].append(epoch(training))
+    atomic_write_text(json.dumps(times) + "\n", path)
+    return times
+
+
+def costs(rows: list[dict[str, Any]], epochs: dict[str, list[float]]) -> list[dict[str, str]]:
+    """What each DepthSampling option costs at Euler against the Euler-only arm: accuracy at
+    L, L/2, L/4 per seed, the whole training's time per seed (arms run in whichever process
+    the cache was filled by) and the median epoch of :func:`epoch_times` (interleaved)."""
     table = []
     for training in SAMPLING:
         arm = f"tied {training}"
@@ -482,14 +520,16 @@ def costs(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             a, b = _by(rows, arm, "euler", fraction), _by(rows, "tied sampled", "euler", fraction)
             shared = sorted(set(a) & set(b))
             values = [a[s]["accuracy"] - b[s]["accuracy"] for s in shared]
-            line[f"Euler {BUDGETS[fraction]} − sampled (pt)"] = (
-                _signed(values) if values else "—"
-            )
+            line[f"Euler {BUDGETS[fraction]} − sampled (pt)"] = _signed(values) if values else "—"
         base = _by(rows, "tied sampled", "source")
         times = [r["train_s"] for r in sources.values()]
         ratios = [sources[s]["train_s"] / base[s]["train_s"] for s in sources if s in base]
         line["train s"] = _spread(times, scale=1.0, digits=0)
         line["train time / sampled"] = _spread(ratios, scale=1.0, digits=2) if ratios else "—"
+        if epochs.get(arm):
+            median = statistics.median(epochs[arm])
+            line["epoch s (interleaved)"] = f"{median:.1f}"
+            line["epoch / sampled"] = f"{median / statistics.median(epochs['tied sampled']):.2f}"
         table.append(line)
     return table
 
@@ -508,8 +548,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         "iid net, already trained": [f"iid net {v}" for v in VARIANTS],
         "ResNet [2, 2, 16, 2], already trained": [f"resnet {v}" for v in VARIANTS],
     }
-    figure = Figure(figsize=(13, 4), layout="constrained")
-    axes = figure.subplots(1, len(groups))
+    measured = {row["arm"] for row in rows}
+    groups = {title: arms for title, arms in groups.items() if measured & set(arms)}
+    figure = Figure(figsize=(4.5 * len(groups), 4), layout="constrained")
+    axes = figure.subplots(1, len(groups), squeeze=False)[0]
     for axis, (title, arms) in zip(axes, groups.items()):
         for index, arm in enumerate(arms):
             color = f"C{index}"
@@ -554,10 +596,11 @@ def _recipe(kind: str) -> str:
 
 
 def _options() -> str:
-    return "; ".join(
-        f"{training}: " + (", ".join(f"{k}={v}" for k, v in options.items()) or "Euler only")
-        for training, options in SAMPLING.items()
-    )
+    described = []
+    for training, options in SAMPLING.items():
+        items = ", ".join(f"{k}={getattr(v, '__name__', v)}" for k, v in options.items())
+        described.append(f"{training}: {items or 'Euler only'}")
+    return "; ".join(described)
 
 
 def report(cache: Cache, seeds: list[int], args) -> None:
@@ -567,8 +610,17 @@ def report(cache: Cache, seeds: list[int], args) -> None:
         return
     env = environment("cpu")
     RESULTS.mkdir(exist_ok=True)
-    table, checks, cost = summary(rows), targets(rows), costs(rows)
-    content = {"environment": env, "seeds": seeds, "rows": rows, "targets": checks, "costs": cost}
+    timed = cache.root / f"epoch_times_{seeds[0]}_{args.timing_rounds}.json"
+    epochs = json.loads(timed.read_text()) if timed.is_file() else {}
+    table, checks, cost = summary(rows), targets(rows), costs(rows, epochs)
+    content = {
+        "environment": env,
+        "seeds": seeds,
+        "rows": rows,
+        "targets": checks,
+        "costs": cost,
+        "epoch_times": epochs,
+    }
     atomic_write_text(
         json.dumps(content, indent=1) + "\n",
         RESULTS / f"{args.output}.json",
@@ -601,7 +653,11 @@ def report(cache: Cache, seeds: list[int], args) -> None:
         f"{args.distill_epochs} epochs, AdamW at lr {DISTILL_LR['iid net']:g} (iid net) and "
         f"{DISTILL_LR['resnet']:g} (ResNet); iid net distilled: {_recipe('iid net')}. "
         f"Sampled arms: DepthSampling(steps=(1.0, 0.5, 0.25)), each pass's loss the "
-        f"cross-entropy on the labels, with {_options()}. "
+        f"cross-entropy on the labels (the default), with {_options()}. "
+        f"Training time: 'train s' is each whole training (15 epochs), run while other "
+        f"processes shared the machine, so noisy; 'epoch s' is the median of "
+        f"{args.timing_rounds} one-epoch fits per arm on seed {seeds[0]}, the arms "
+        f"interleaved in one process after an untimed fit. "
         f"1 CPU thread, shared machine.\n"
     )
     atomic_write_text(text, RESULTS / f"{args.output}.md")
@@ -617,6 +673,13 @@ def main() -> None:
     parser.add_argument("--resnet-epochs", type=int, default=6)
     parser.add_argument("--distill-epochs", type=int, default=5)
     parser.add_argument("--passes", type=int, default=5, help="timed passes over the test split")
+    parser.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=3,
+        help="interleaved one-epoch timings of the tied DepthSampling arms, on the first seed "
+        "(0: none)",
+    )
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument(
         "--output", default="anytime", help="results/OUTPUT.{json,md,png} (default anytime)"
@@ -631,6 +694,8 @@ def main() -> None:
         for seed in args.seeds:
             for arm in args.arms:
                 run_arm(arm, seed, cache, args)
+        if args.timing_rounds and any(arm.startswith("tied sampled") for arm in args.arms):
+            epoch_times(cache, args.seeds[0], args.timing_rounds)
     report(cache, args.seeds, args)
 
 

@@ -160,17 +160,43 @@ def running_statistics_kept(norms: Sequence[_BatchNorm]) -> Iterator[None]:
             norm.num_batches_tracked.copy_(count)
 
 
+def label_cross_entropy(output: Tensor, full: Tensor, batch: object) -> Tensor:
+    """The default loss of a fewer-step pass: the cross-entropy of its logits on the labels
+    ``batch[1]`` of a batch ``(inputs, labels, ...)``, as an image classifier's loss.
+
+    Raises:
+        ValueError: the output is no tensor of logits, or the batch holds no integer labels of
+            its shape (give ``loss=...``, :func:`inplace_distillation` for one).
+    """
+    labels = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if not (
+        isinstance(output, Tensor)
+        and output.dim() >= 2
+        and isinstance(labels, Tensor)
+        and not labels.is_floating_point()
+        and labels.shape == output.shape[:1] + output.shape[2:]
+    ):
+        found = type(labels).__name__ if not isinstance(labels, Tensor) else tuple(labels.shape)
+        raise ValueError(
+            f"DepthSampling's default loss is the cross-entropy on the labels batch[1] of a "
+            f"batch (inputs, labels); the model returned {type(output).__name__} of shape "
+            f"{tuple(getattr(output, 'shape', ()))} and batch[1] is {found}: give "
+            f"DepthSampling(loss=...) a function of (output, full_output, batch)"
+        )
+    return F.cross_entropy(output, labels)
+
+
 def inplace_distillation(output: Tensor, full: Tensor, batch: object) -> Tensor:
-    """The default loss of a fewer-step pass: the KL divergence from the full-depth pass's
-    softmax (detached) to the pass's, over the last dimension, per sample (the inplace
+    """A loss of a fewer-step pass that needs no labels: the KL divergence from the full-depth
+    pass's softmax (detached) to the pass's, over the last dimension, per sample (the inplace
     distillation of slimmable networks, Yu and Huang 2019).
 
     Raises:
-        ValueError: the outputs are not floating tensors of one shape (give ``loss=...``).
+        ValueError: the outputs are not tensors.
     """
     if not (isinstance(output, Tensor) and isinstance(full, Tensor) and output.dim() >= 1):
         raise ValueError(
-            f"DepthSampling's default loss compares tensors of logits; the model returned "
+            f"inplace_distillation compares tensors of logits; the model returned "
             f"{type(full).__name__}: give DepthSampling(loss=...) a function of (output, "
             f"full_output, batch)"
         )

@@ -150,7 +150,8 @@ class ExportOptions:
     """How each residual stage becomes a neural ODE. Invalid values raise ``ValueError`` here.
 
     A group's name stands for the group with its defaults: ``gradient="recursive"`` is
-    ``gradient=RecursiveCheckpointed()``; the fields always hold the group.
+    ``gradient=RecursiveCheckpointed()``; the fields always hold the group (their defaults are
+    written by name, as a configuration file writes them).
 
     Example::
 
@@ -177,10 +178,10 @@ class ExportOptions:
         },
     )
     interpolation: PathInterpolation | str = field(
-        default=PiecewiseLinear(), metadata={"help": "weight path between knots"}
+        default="linear", metadata={"help": "weight path between knots"}
     )
     gradient: GradientMode | str = field(
-        default=Checkpointed(),
+        default="checkpoint",
         metadata={
             "help": "backprop; checkpoint (one state per step, exact); recursive (binomial "
             "checkpointing, `checkpoints` states, exact); adjoint (constant memory, inexact on "
@@ -318,7 +319,7 @@ def flat_options() -> tuple[FlatOption, ...]:
             )
             continue
         names = tuple(kind.name for kind in kinds)
-        flat.append(FlatOption(option.name, str, option.default.name, meta["help"], names))
+        flat.append(FlatOption(option.name, str, option.default, meta["help"], names))
         for argument, (kind, hint) in _arguments(option.name).items():
             help_ = kind.help[argument]
             flat.append(FlatOption(argument, hint, None, help_, group=option.name))

@@ -94,7 +94,8 @@ def solver_table() -> dict[str, Solver]:
             table[name] = Solver(name, cls.order, adaptive=True)
         elif issubclass(cls, FixedGridODESolver):
             try:
-                tableau = read_tableau(name)
+                with torch.device("cpu"):  # whatever default device the caller has set
+                    tableau = read_tableau(name)
             except Exception:  # noqa: BLE001 - a solver that cannot step a probe is not offered
                 continue
             table[name] = Solver(name, cls.order, adaptive=False, tableau=tableau)
@@ -114,9 +115,8 @@ def read_tableau(method: str) -> Tableau | None:
         warnings.simplefilter("ignore")  # a multistep corrector may warn on the probe field
         try:
             start = torch.zeros(MAX_STAGES, dtype=torch.float64)
-            step = odeint(
-                probe, start, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method
-            )
+            times = torch.tensor([0.0, 1.0], dtype=torch.float64)
+            step = odeint(probe, start, times, method=method)
         except _TooManyStages:
             return None
         stages = len(probe.times)
@@ -148,7 +148,9 @@ class _UnitStages:
             raise _TooManyStages
         self.times.append(float(t))
         self.inputs.append(y.clone())
-        return torch.nn.functional.one_hot(torch.tensor(index), MAX_STAGES).to(y.dtype)
+        unit = torch.zeros_like(y)
+        unit[index] = 1.0
+        return unit
 
 
 def _nonlinear(t: Tensor, y: Tensor) -> Tensor:
@@ -163,7 +165,7 @@ def _reproduces(method: str, tableau: Tableau) -> bool:
     states = odeint(_nonlinear, start, times, method=method)
     for k in range(PROBE_STEPS):
         h = float(times[k + 1] - times[k])
-        expected = tableau_step(tableau, _nonlinear, times[k], h, states[k])
+        expected = _tableau_step(tableau, _nonlinear, times[k], h, states[k])
         if float((expected - states[k + 1]).abs().max()) > _AGREEMENT * (
             1 + float(expected.abs().max())
         ):
@@ -171,10 +173,10 @@ def _reproduces(method: str, tableau: Tableau) -> bool:
     return True
 
 
-def tableau_step(
+def _tableau_step(
     tableau: Tableau, func: Callable[[Tensor, Tensor], Tensor], t: Tensor, h: float, x: Tensor
 ) -> Tensor:
-    """One step of ``tableau`` from ``x`` at time ``t`` (a float64 reference, for probing)."""
+    """One step of ``tableau`` from ``x`` at time ``t``, as plainly as written."""
     ks: list[Tensor] = []
     for c, row in zip(tableau.c, tableau.a):
         stage = x + h * sum((w * k for w, k in zip(row, ks) if w), torch.zeros_like(x))

@@ -22,6 +22,8 @@ from resode_lightning import (
 )
 from resode_lightning.callbacks.depth_passes import (
     evaluation_points,
+    inplace_distillation,
+    label_cross_entropy,
     roughness,
     stage_at_steps,
 )
@@ -242,6 +244,19 @@ def test_the_roughness_penalty_lowers_the_measured_roughness():
 def test_invalid_arguments_are_named(arguments, named):
     with pytest.raises(ValueError, match=rf"DepthSampling\({named}=\.\.\.\)"):
         DepthSampling(**arguments)
+
+
+def test_the_default_loss_is_the_cross_entropy_on_the_labels():
+    default = _fit(_module(), DepthSampling(steps=(1.0, 0.5)))
+    labels = _fit(_module(), DepthSampling(steps=(1.0, 0.5), loss=_labels))
+    for name, grad in labels.grads.items():
+        torch.testing.assert_close(default.grads[name], grad, rtol=0, atol=0)
+    logits = torch.randn(4, 10)
+    for batch in ((torch.randn(4, 3),), (torch.randn(4, 3), torch.randn(4)), torch.randn(4)):
+        with pytest.raises(ValueError, match="default loss is the cross-entropy on the labels"):
+            label_cross_entropy(logits, logits, batch)
+    assert float(inplace_distillation(logits, logits, None)) == pytest.approx(0.0, abs=1e-6)
+    assert float(inplace_distillation(torch.randn(4, 10), logits, None)) > 0
 
 
 def test_a_loss_that_is_no_scalar_is_refused_at_the_first_batch():
