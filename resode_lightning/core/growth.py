@@ -32,7 +32,7 @@ from resode_lightning.core.odeform import convert_stage, unconvert_stage
 from resode_lightning.core.optimizer_state import GRADIENT_ORDERS
 from resode_lightning.core.parameters import ode_lifts
 from resode_lightning.core.paths import INTERPOLATIONS, Interpolation, interpolate, knot_times
-from resode_lightning.core.resample import renamed_children, replace_blocks, blocks_at_depth
+from resode_lightning.core.resample import blocks_at_depth, renamed_children, replace_blocks
 from resode_lightning.core.stages import Stage, find_stages, run_stage
 from resode_lightning.core.step import named_parameters_by_key
 from resode_lightning.core.watch import stage_inputs
