@@ -7,6 +7,7 @@ import json
 import platform
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 import torchvision
 
@@ -47,3 +48,18 @@ def write_results(
     header = ", ".join(f"{k} {v}" for k, v in env.items())
     text = f"{markdown_table(rows, columns)}\n{header}\n" + (f"\n{notes}\n" if notes else "")
     return atomic_write_text(text, RESULTS / f"{name}.md")
+
+
+def cpu_trainer(**kwargs) -> pl.Trainer:
+    """A Trainer on the CPU that trains only: no logger, checkpoint, progress bar, summary or
+    validation, so that timings hold training alone."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        **kwargs,
+    )

@@ -53,7 +53,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
-from _common import RESULTS, environment, markdown_table
+from _common import RESULTS, cpu_trainer, environment, markdown_table
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -146,17 +146,7 @@ def fit(
     """Train ``backbone`` on ``data`` with the classifier's ``hyper`` parameters; eval mode."""
     pl.seed_everything(seed, verbose=False)
     module = ImageClassifier(backbone, num_classes=10, in_channels=1, **hyper)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-    )
+    trainer = cpu_trainer(max_epochs=epochs, callbacks=callbacks)
     started = time.perf_counter()
     trainer.fit(module, data)
     return module.backbone.eval(), time.perf_counter() - started

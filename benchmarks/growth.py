@@ -49,7 +49,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
-from _common import RESULTS, environment, markdown_table
+from _common import RESULTS, cpu_trainer, environment, markdown_table
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
@@ -160,16 +160,8 @@ def run(net: str, arm: str, seed: int) -> dict[str, Any]:
         growth = DepthGrowth(settings["depths"], settings["growth_epochs"], trigger=trigger)
     started = time.perf_counter()
     curve = Curve(batches, started)
-    trainer = pl.Trainer(
-        max_epochs=settings["epochs"],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[curve] + ([growth] if growth else []),
+    trainer = cpu_trainer(
+        max_epochs=settings["epochs"], callbacks=[curve] + ([growth] if growth else [])
     )
     trainer.fit(module, digits)
     train_s = time.perf_counter() - started - curve.evaluating
