@@ -195,8 +195,12 @@ class ExportOptions:
             "inference (after interpolating: the function does not change)"
         },
     )
-    rtol: float = field(default=1e-5, metadata={"help": "relative tolerance, adaptive methods"})
-    atol: float = field(default=1e-6, metadata={"help": "absolute tolerance, adaptive methods"})
+    rtol: float = field(
+        default=1e-5, metadata={"help": "relative tolerance: adaptive methods, implicit_adams"}
+    )
+    atol: float = field(
+        default=1e-6, metadata={"help": "absolute tolerance: adaptive methods, implicit_adams"}
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the field"})
 
     def __post_init__(self) -> None:
