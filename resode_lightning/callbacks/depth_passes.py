@@ -263,18 +263,23 @@ def roughness(stacked: dict[str, Tensor], horizon: float, order: int) -> Tensor 
     return rate * differences.mean() / norms2.mean().detach().clamp_min(1e-30)
 
 
-def stage_weights(stage: Stage | NeuralODEStage) -> tuple[dict[str, Tensor], float]:
+def stage_weights(stage: Stage | NeuralODEStage) -> dict[str, Tensor]:
     """The trainable tensors of a stage stacked over depth in the ODE parametrisation (a raw
-    stage's blocks, or an export's weight-path knots), differentiably, and its horizon."""
+    stage's blocks, or an export's weight-path knots), differentiably."""
     if isinstance(stage, NeuralODEStage):
         path = stage.field.path
         knots = {name: path.knots(name) for name in path.names}
-        trainable = {name: value for name, value in knots.items() if value.requires_grad}
-        return trainable, float(stage.horizon)
+        return {name: value for name, value in knots.items() if value.requires_grad}
     tensors, lifts = stage_tensors(stage)
-    stacked = {
+    return {
         name: torch.stack(values) * lifts.get(name, 1.0)
         for name, values in tensors.items()
         if values[0].requires_grad
     }
-    return stacked, stage.horizon or 1.0
+
+
+def stage_horizon(stage: Stage | NeuralODEStage) -> float:
+    """The stage's time interval (1 for a plain stage), read from the device once: keep it."""
+    if isinstance(stage, NeuralODEStage):
+        return float(stage.horizon)
+    return stage.horizon or 1.0

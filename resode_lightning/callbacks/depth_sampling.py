@@ -29,6 +29,7 @@ from resode_lightning.callbacks.depth_passes import (
     roughness,
     running_statistics_kept,
     stage_at_steps,
+    stage_horizon,
     stage_weights,
 )
 from resode_lightning.core.budget import MAX_STEPS, check_steps, steps_per_stage
@@ -176,6 +177,7 @@ class DepthSampling(Callback):
 
     def _reset(self) -> None:
         self._stages: list[Any] = []
+        self._horizons: list[float] = []
         self._settings: list[tuple[str, float, str, dict[str, int]]] = []
         self._statistics: BatchStatistics | None = None
         self._norms: list[_BatchNorm] = []
@@ -229,6 +231,7 @@ class DepthSampling(Callback):
             norms = [m for s in self._stages for b in s.blocks for m in b.modules()]
             self._statistics = BatchStatistics([m for m in norms if isinstance(m, _BatchNorm)])
         self._settings = self._enumerate(depths, current)
+        self._horizons = [stage_horizon(stage) for stage in self._stages]  # no sync per batch
         if self.roughness and all(p is None for p in self._penalties()):
             raise ValueError(
                 f"DepthSampling(roughness_order={self.roughness_order}) needs stages of at "
@@ -381,7 +384,10 @@ class DepthSampling(Callback):
             yield
 
     def _penalties(self) -> list[Tensor | None]:
-        return [roughness(*stage_weights(stage), self.roughness_order) for stage in self._stages]
+        return [
+            roughness(stage_weights(stage), horizon, self.roughness_order)
+            for stage, horizon in zip(self._stages, self._horizons, strict=True)
+        ]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -17,11 +17,11 @@ import zipfile
 import pytest
 import torch
 from helpers.boring import loader
-from helpers.cli import one_line_error
+from helpers.cli import distill_command, one_line_error
 from pytorch_lightning import Callback
 
 from resode_lightning import load_neural_ode, ode_resnet
-from resode_lightning.cli import distill as distill_command
+from resode_lightning.cli import distill as distill_cli
 from resode_lightning.cli import main
 from resode_lightning.core.io.checkpoint import safe_torch_load
 from resode_lightning.core.io.errors import CheckpointError
@@ -45,45 +45,13 @@ def _run(argv, capsys):
     return status, capsys.readouterr()
 
 
-def _command(tmp_path, *extra):
-    """A fast ``resode distill`` of a tiny ODE-ResNet on the 8x8 digits, with ``extra``."""
-    weights = tmp_path / "net.pth"
-    if not weights.exists():
-        net = ode_resnet(depths=(4,), widths=(4,), in_channels=1, seed=0)
-        torch.save(net.state_dict(), weights)
-    return [
-        "distill",
-        "--arch",
-        "ode_resnet",
-        "--arch-kwargs",
-        '{"depths": [4], "widths": [4]}',
-        "--weights",
-        str(weights),
-        "--data",
-        "digits",
-        "--image-size",
-        "8",
-        "--epochs",
-        "1",
-        "--steps",
-        "1.0",
-        "0.5",
-        "--lr",
-        "0.001",
-        "--out",
-        str(tmp_path / "ode.pt"),
-        "--no-progress",
-        *extra,
-    ]
-
-
 def _no_training(monkeypatch):
     """Make any training attempt of ``resode distill`` fail the test."""
 
     def trained(*args, **kwargs):
         raise AssertionError("resode distill started training")
 
-    monkeypatch.setattr(distill_command, "distill_depth", trained)
+    monkeypatch.setattr(distill_cli, "distill_depth", trained)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -116,7 +84,7 @@ def test_cli_distill_refuses_settings_out_of_range_before_any_work(
     _no_training(monkeypatch)
     out = tmp_path / "ode.pt"
     out.write_bytes(b"the previous export")
-    status, output = _run(_command(tmp_path, *extra), capsys)
+    status, output = _run(distill_command(tmp_path, *extra), capsys)
     assert status == 2
     one_line_error(output, "distill", named)
     assert out.read_bytes() == b"the previous export"
@@ -142,7 +110,7 @@ def test_cli_distill_refuses_what_cannot_build_a_model_in_one_line(
     tmp_path, capsys, monkeypatch, extra, named
 ):
     _no_training(monkeypatch)
-    status, output = _run(_command(tmp_path, *extra), capsys)
+    status, output = _run(distill_command(tmp_path, *extra), capsys)
     assert status == 2
     one_line_error(output, "distill", named)
     assert not (tmp_path / "ode.pt").exists()
@@ -151,7 +119,7 @@ def test_cli_distill_refuses_what_cannot_build_a_model_in_one_line(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cli_distill_refuses_cuda_without_a_gpu(tmp_path, capsys, monkeypatch):
     _no_training(monkeypatch)
-    status, output = _run(_command(tmp_path, "--device", "cuda"), capsys)
+    status, output = _run(distill_command(tmp_path, "--device", "cuda"), capsys)
     assert status == 2
     one_line_error(output, "distill", "--device cuda", "not available")
 
@@ -178,7 +146,7 @@ def test_cli_distill_checks_its_output_paths_before_training(tmp_path, capsys, m
         cases["a read-only folder"] = (["--out", str(locked / "ode.pt")], "not writable")
     try:
         for case, (extra, named) in cases.items():
-            status, output = _run(_command(tmp_path, *extra), capsys)
+            status, output = _run(distill_command(tmp_path, *extra), capsys)
             assert status == 2, case
             one_line_error(output, "distill", named)
     finally:
@@ -205,7 +173,7 @@ _DROP = object()
 
 
 def test_cli_distill_refuses_a_damaged_resume_checkpoint_and_keeps_both_files(tmp_path, capsys):
-    argv = _command(tmp_path)
+    argv = distill_command(tmp_path)
     assert _run(argv, capsys)[0] == 0
     out, checkpoint = tmp_path / "ode.pt", tmp_path / "ode.pt.distill"
     export = out.read_bytes()
@@ -235,7 +203,7 @@ def test_cli_distill_refuses_a_damaged_resume_checkpoint_and_keeps_both_files(tm
 def test_cli_distill_killed_resumes_at_the_epoch_it_stopped_in(tmp_path, capsys, monkeypatch):
     """A ``resode distill`` killed (SIGKILL) once its first epoch is saved, run again, trains
     the epochs after the last one saved, and only those."""
-    argv = [*_command(tmp_path), "--epochs", "3"]
+    argv = [*distill_command(tmp_path), "--epochs", "3"]
     checkpoint = tmp_path / "ode.pt.distill"
     command = [sys.executable, "-m", "resode_lightning", *argv]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -259,7 +227,7 @@ def test_cli_distill_killed_resumes_at_the_epoch_it_stopped_in(tmp_path, capsys,
     def recorded(*args, **kwargs):
         return distill_depth(*args, **kwargs, trainer={"callbacks": [Epochs()]})
 
-    monkeypatch.setattr(distill_command, "distill_depth", recorded)
+    monkeypatch.setattr(distill_cli, "distill_depth", recorded)
     status, output = _run(argv, capsys)
     assert status == 0 and f"resuming from {checkpoint}" in output.out, output
     assert epochs == [e for e in range(done, 3) for _ in range(per_epoch)]
@@ -581,7 +549,7 @@ def test_fuzzed_resume_checkpoints_load_or_fail_with_one_named_error(tmp_path, c
 
 
 def test_cli_distill_refuses_source_weights_holding_nan_and_keeps_the_output(tmp_path, capsys):
-    argv = _command(tmp_path)
+    argv = distill_command(tmp_path)
     weights, out = tmp_path / "net.pth", tmp_path / "ode.pt"
     state = torch.load(weights, weights_only=True)
     state["fc.weight"][0, 0] = math.nan

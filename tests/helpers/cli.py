@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from resode_lightning import ode_resnet
 
 
 def one_line_error(output: Any, command: str, *parts: object) -> str:
@@ -14,3 +19,35 @@ def one_line_error(output: Any, command: str, *parts: object) -> str:
     for part in parts:
         assert str(part) in lines[0], (part, lines[0])
     return lines[0]
+
+
+def distill_command(tmp_path: Path, *extra: str) -> list[str]:
+    """A fast ``resode distill`` of a tiny ODE-ResNet on the 8x8 digits, with ``extra``."""
+    weights = tmp_path / "net.pth"
+    if not weights.exists():
+        net = ode_resnet(depths=(4,), widths=(4,), in_channels=1, seed=0)
+        torch.save(net.state_dict(), weights)
+    return [
+        "distill",
+        "--arch",
+        "ode_resnet",
+        "--arch-kwargs",
+        '{"depths": [4], "widths": [4]}',
+        "--weights",
+        str(weights),
+        "--data",
+        "digits",
+        "--image-size",
+        "8",
+        "--epochs",
+        "1",
+        "--steps",
+        "1.0",
+        "0.5",
+        "--lr",
+        "0.001",
+        "--out",
+        str(tmp_path / "ode.pt"),
+        "--no-progress",
+        *extra,
+    ]

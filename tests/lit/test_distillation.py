@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from helpers.boring import loader
+from helpers.cli import distill_command
 from pytorch_lightning import Callback
 
 from resode_lightning import (
@@ -130,35 +131,8 @@ def test_distill_depth_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_cli_distill_writes_a_loadable_export_and_resumes(tmp_path, capsys):
-    weights = tmp_path / "net.pth"
-    torch.save(ode_resnet(depths=(4,), widths=(4,), in_channels=1, seed=0).state_dict(), weights)
     out = tmp_path / "ode.pt"
-    argv = [
-        "distill",
-        "--arch",
-        "ode_resnet",
-        "--arch-kwargs",
-        '{"depths": [4], "widths": [4]}',
-        "--weights",
-        str(weights),
-        "--data",
-        "digits",
-        "--image-size",
-        "8",
-        "--epochs",
-        "1",
-        "--steps",
-        "1.0",
-        "0.5",
-        "--step-weights",
-        "1",
-        "2",
-        "--warmup",
-        "0.1",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
+    argv = distill_command(tmp_path, "--step-weights", "1", "2", "--warmup", "0.1")
     assert resode(argv) == 0
     loaded = load_neural_ode(out)
     assert steps_of(loaded) == {"stages.0": ("euler", 4)}
